@@ -1,0 +1,1 @@
+"""lsp.launch: entry points started by torchrun or mpirun (training, benchmarks)."""

@@ -1,0 +1,1 @@
+"""Pieces shared by the op families: input validation and the chunkwise PyTorch form."""

@@ -1,0 +1,1 @@
+"""lsp.parallel: sequence, tensor and expert parallelism for lsp (DESIGN.md §1, §4)."""

@@ -110,3 +110,17 @@ def delta_rule(
         return kernel(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state)
     return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state)
+
+
+# What lsp.parallel.sequence_parallel reads off an op (parallel/ does not import lsp.ops): the
+# family, and the op's own argument checks, which return the resolved scale.
+linear_attention.sp_family = "linear_attention"
+linear_attention.sp_validate = (
+    lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
+        "linear_attention", q, k, v, None, g, scale, initial_state, output_final_state, backend,
+        needs_beta=False))
+delta_rule.sp_family = "delta_rule"
+delta_rule.sp_validate = (
+    lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
+        "delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state, backend,
+        needs_beta=True))

@@ -1,0 +1,248 @@
+"""Sequence parallelism for the lsp ops: ``sequence_parallel(op, *shard, group, method)``.
+
+Each rank of ``group`` holds a contiguous slice of the sequence, in rank order. A rank computes
+its slice from a zero state, exchanges only ``[K, V]`` states with the other ranks (an exclusive
+scan of affine pairs, ``lsp.parallel.exchange``), and adds the effect of the incoming state with
+one ``[T, K] @ [K, V]`` matmul per head. The result equals the matching slice of the op run on the
+whole sequence in one process, with gradients, for every family and method.
+
+Overlap plan (order of work on a rank):
+
+1. ``pair``: the slice's transition and zero-start final state ``(A_r, B_r)``. For the linear
+   attention family this is closed form (one GEMM per head), so it is ready before the op runs;
+   for the delta rules it comes out of the single chunkwise pass (``parallel/pairs.py``).
+2. On CUDA, record an event on the current stream, and enqueue the whole exchange on a side
+   stream that waits for that event only (NCCL kernels and the per-hop ``A S + B`` updates run
+   there; no host synchronisation anywhere, including All-Scan's per-block receive-combine-send
+   chain, because NCCL's ``work.wait()`` only makes the side stream wait).
+3. ``outputs``: the zero-start local outputs ``o0`` and effective queries ``qe``. These kernels
+   are enqueued on the main stream after the event, so the GPU runs them while the exchange is in
+   flight. (For the delta rules the pass of step 1 already produced them; the exchange then
+   overlaps only with what the caller enqueues before consuming the result.)
+4. The main stream waits for the side stream, then ``o = o0 + qe @ S_start``.
+
+Backward: autograd reaches the exchange once ``G_r = qe^T dO`` is known; the reverse scan runs
+on the current stream (it is one state per rank, and the local backward needs its result).
+On CPU (gloo) receives block the host, so the exchange runs where it is called: sequential, as
+allowed; the chain methods still forward each block as soon as it arrives.
+
+Safety: before any exchange every rank all-gathers a small description of its call (shard
+length, batch, heads, K, V, dtype, family, gate kind, method, initial/final state, blocks); any
+difference raises the same ``ValueError`` on every rank instead of a hang. Every rank takes part
+in every collective of forward and backward, rank 0 with its empty prefix included.
+
+Gradient of ``initial_state`` (the state before the whole global sequence, the same tensor on
+every rank): returned whole on the first rank of the group and as zeros on the others, so that
+the sum over ranks (what a data-parallel style all-reduce computes) is the true gradient, and the
+first rank alone already holds it. The returned final state is replicated on every rank; as for
+any replicated output, its true gradient is the sum of the gradients that arrive on all ranks,
+and the backward sums them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lsp.parallel import pairs
+from lsp.parallel.exchange import METHODS, all_gather_rows, make_exchange
+
+_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_KIND_CODE = {k: i for i, k in enumerate(pairs.KINDS)}
+_FAMILY_CODE = {"linear_attention": 1, "delta_rule": 2}
+_META_FIELDS = ("magic", "family", "kind", "method", "T_local", "B", "H", "K", "V", "dtype",
+                "initial_state", "final_state", "num_blocks", "scale_e6")
+_MAGIC = 0x15B5
+_side_streams: dict = {}
+
+
+def _family_of(op: Callable) -> str:
+    family = getattr(op, "sp_family", None)
+    if family not in _FAMILY_CODE:
+        raise ValueError(
+            f"sequence_parallel: op={getattr(op, '__name__', op)!r} is not an lsp op; pass "
+            "lsp.ops.linear_attention or lsp.ops.delta_rule"
+        )
+    return family
+
+
+def _split_args(family: str, args: tuple, kwargs: dict):
+    """(q, k, v, beta, g) from the op's positional/keyword arguments."""
+    names = ("q", "k", "v", "beta", "g") if family == "delta_rule" else ("q", "k", "v", "g")
+    if len(args) > len(names):
+        raise ValueError(f"sequence_parallel: {family} takes at most {len(names)} positional "
+                         f"tensors {names}, got {len(args)}")
+    vals = dict(zip(names, args))
+    for n in names[len(args):]:
+        if n in kwargs:
+            vals[n] = kwargs.pop(n)
+    for n in ("q", "k", "v"):
+        if n not in vals:
+            raise ValueError(f"sequence_parallel: {family} needs {n}")
+    return vals["q"], vals["k"], vals["v"], vals.get("beta"), vals.get("g")
+
+
+def _check_consistency(group, meta: list[int], device: torch.device) -> None:
+    """All-gather every rank's call description; raise the same error everywhere on mismatch."""
+    backend = dist.get_backend(group)
+    dev = device if backend == "nccl" else torch.device("cpu")
+    allm = all_gather_rows(torch.tensor(meta, dtype=torch.int64, device=dev), group).cpu()
+    bad = [i for i in range(len(meta)) if not bool((allm[:, i] == allm[0, i]).all())]
+    if bad:
+        fields = ", ".join(f"{_META_FIELDS[i]}={allm[:, i].tolist()}" for i in bad)
+        raise ValueError(
+            f"sequence_parallel: the ranks of the group disagree on {fields} (per rank); every "
+            "rank must call with the same op, gate kind, method, head counts and dims, and an "
+            "equal contiguous shard of the sequence (split T into P equal parts in rank order)"
+        )
+
+
+def _side_stream(device: torch.device):
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device=device)
+    return _side_streams[device]
+
+
+class _StateScan(torch.autograd.Function):
+    """``(A_r, B_r, S_init) -> (S_start_r, S_final)`` across the group; adjoint in backward."""
+
+    @staticmethod
+    def forward(ctx, A, B, S_init, exchange, ready_event):
+        ctx.exchange = exchange
+        ctx.has_A, ctx.has_init = A is not None, S_init is not None
+        if B.is_cuda:
+            main = torch.cuda.current_stream(B.device)
+            side = _side_stream(B.device)
+            side.wait_event(ready_event)
+            with torch.cuda.stream(side):
+                S_start, S_final = exchange.forward(A, B, S_init)
+            for t in (A, B, S_init):
+                if t is not None:
+                    t.record_stream(side)
+            for t in (S_start, S_final):
+                if t is not None:
+                    t.record_stream(main)
+            main.wait_stream(side)
+        else:
+            S_start, S_final = exchange.forward(A, B, S_init)
+        ctx.save_for_backward(A, S_start)
+        if S_final is None:
+            return S_start, None
+        return S_start, S_final
+
+    @staticmethod
+    def backward(ctx, G, dS_final):
+        A, S_start = ctx.saved_tensors
+        ex = ctx.exchange
+        kind = ex.kind
+        if dS_final is None and ex.need_final:
+            dS_final = torch.zeros_like(G)
+        D_next = ex.backward(G.contiguous(), dS_final)
+        dA = pairs.grad_transition(kind, D_next, S_start) if ctx.has_A else None
+        dS_init = None
+        if ctx.has_init and ctx.needs_input_grad[2]:
+            if ex.g.rank == 0:
+                dS_init = pairs.apply_adjoint(kind, A, D_next) + G
+            else:
+                dS_init = torch.zeros_like(G)
+        return dA, D_next, dS_init, None, None
+
+
+def sequence_parallel(
+    op: Callable,
+    *args: Tensor,
+    group=None,
+    method: str = "allscan",
+    num_blocks: int | None = None,
+    seq_len: int | None = None,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """Run ``op`` over a sequence split across the ranks of ``group``.
+
+    Args:
+        op: ``lsp.ops.linear_attention`` or ``lsp.ops.delta_rule``.
+        *args: this rank's contiguous shard of the op's tensors, ``[B, T_local, H, D]`` (and
+            ``beta``, ``g`` with ``T_local`` tokens), in the rank order of ``group``. Every rank
+            must hold the same number of tokens.
+        group: a ``torch.distributed`` process group (None: the default group). gloo (CPU
+            tensors) and NCCL (CUDA tensors) work.
+        method: ``"allscan"`` (pipelined chain, ZeCO), ``"allgather"`` (LASP-2) or ``"ring"``
+            (LASP-1); see ``lsp.parallel.exchange`` for their costs.
+        num_blocks: All-Scan blocks along V (default: ``exchange.default_num_blocks``).
+        seq_len: optional global sequence length; when given it must equal ``P * T_local``.
+        **kwargs: the op's keywords: ``scale``, ``initial_state`` (the state before the whole
+            global sequence, the same on every rank), ``output_final_state``, ``backend``.
+
+    Returns:
+        ``(o_local, S_final)``: this rank's outputs ``[B, T_local, H, V]`` and, when
+        ``output_final_state=True``, the state after the whole global sequence (the same on
+        every rank), else ``None``.
+    """
+    family = _family_of(op)
+    if method not in METHODS:
+        raise ValueError(
+            f"sequence_parallel: method={method!r} is unknown; choose one of {METHODS}"
+        )
+    if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
+        raise ValueError(f"sequence_parallel: num_blocks={num_blocks!r}; pass an int >= 1 or None")
+    kwargs = dict(kwargs)
+    q, k, v, beta, g = _split_args(family, args, kwargs)
+    initial_state = kwargs.pop("initial_state", None)
+    need_final = kwargs.pop("output_final_state", False)
+    scale = kwargs.pop("scale", None)
+    unknown = set(kwargs) - {"backend"}
+    if unknown:
+        raise ValueError(f"sequence_parallel: unknown keyword(s) {sorted(unknown)} for {family}")
+    # the op's own checks (DESIGN.md §3): named errors for shapes, dtypes, gates, scale, state
+    scale = op.sp_validate(q, k, v, beta, g, scale, initial_state, need_final,
+                           kwargs.get("backend", "auto"))
+    B_, T, H, K = q.shape
+    V = v.shape[-1]
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "sequence_parallel: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group (torchrun does this via lsp.launch) first"
+        )
+    P = dist.get_world_size(group)
+    if seq_len is not None and seq_len != P * T:
+        raise ValueError(
+            f"sequence_parallel: seq_len={seq_len} does not match {P} ranks x {T} local tokens "
+            f"= {P * T}; shard the sequence into {P} equal contiguous parts "
+            f"(seq_len must be divisible by {P})"
+        )
+    kind = pairs.transition_kind(family, g)
+    n_blk = num_blocks if method == "allscan" else 1
+    meta = [_MAGIC, _FAMILY_CODE[family], _KIND_CODE[kind], METHODS.index(method), T, B_, H, K,
+            V, _DTYPE_CODE.get(q.dtype, 0), int(initial_state is not None), int(need_final),
+            0 if n_blk is None else n_blk, round(scale * 1e6)]
+    _check_consistency(group, meta, q.device)
+
+    op_kwargs = dict(kwargs)
+    if family == "delta_rule":
+        local = pairs.delta_rule_local(op, q, k, v, beta, g, scale=scale,
+                                       state_dtype=state_dtype, op_kwargs=op_kwargs)
+    else:
+        local = pairs.linear_attention_local(op, q, k, v, g, scale=scale,
+                                             state_dtype=state_dtype, op_kwargs=op_kwargs)
+
+    A, B = local.pair()
+    ready = None
+    if B.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    o0, qe = local.outputs()
+
+    S_init = None if initial_state is None else initial_state.to(state_dtype)
+    exchange = make_exchange(method, kind, group, need_final, num_blocks,
+                             state_bytes=B.numel() * B.element_size(), V=V)
+    S_start, S_final = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready)
+
+    # o_t += qe_t @ S_start, per head: [T, K] @ [K, V]
+    corr = torch.einsum("bthk,bhkv->bthv", qe.to(state_dtype), S_start)
+    o = (o0.to(state_dtype) + corr).to(o0.dtype)
+    return o, (S_final if need_final else None)

@@ -1,0 +1,47 @@
+"""``lsp-bench``: benchmarks that print a table and write JSON (and PNG plots).
+
+Subcommands:
+    comm       time the state exchange alone per method, transition kind, size and rank count;
+               fit the alpha-beta cost model and predict to 256 ranks (launch/bench_comm.py)
+    costmodel  refit and re-plot from an earlier comm.json (no processes started)
+
+Run ``lsp-bench <subcommand> --help`` for options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _costmodel(argv):
+    from lsp.launch import bench_comm
+
+    p = argparse.ArgumentParser(prog="lsp-bench costmodel")
+    p.add_argument("--from", dest="src", required=True, help="a comm.json written by lsp-bench comm")
+    p.add_argument("--out", default=None, help="output folder (default: beside --from)")
+    a = p.parse_args(argv)
+    with open(a.src) as f:
+        records = json.load(f)["records"]
+    import os
+
+    args = bench_comm.parse_args(["--out", a.out or os.path.dirname(os.path.abspath(a.src))])
+    bench_comm.report(records, args)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"comm": lambda rest: __import__("lsp.launch.bench_comm", fromlist=["main"]).main(rest),
+                "costmodel": _costmodel}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"lsp-bench: unknown subcommand {argv[0]!r}; choose one of {sorted(commands)}")
+            sys.exit(2)
+        return
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,8 @@ and the backward sums them.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable
 
 import torch
@@ -57,6 +59,51 @@ _META_FIELDS = ("magic", "family", "kind", "method", "T_local", "B", "H", "K", "
                 "initial_state", "final_state", "num_blocks", "scale_e6")
 _MAGIC = 0x15B5
 _side_streams: dict = {}
+# Test-only ablation: zero the state that arrives from earlier ranks (the MQAR test shows that a
+# model then fails a task whose keys and queries sit on different ranks). Never set in training.
+_ZERO_INCOMING_ENV = "LSP_TEST_ZERO_INCOMING_STATE"
+
+
+class ExchangeTimer:
+    """Time spent in the state exchange (forward and backward), for the training log.
+
+    Disabled by default. On CPU it sums host time around each exchange; on CUDA it records event
+    pairs on the stream that runs the exchange and sums them in ``seconds()``, which
+    synchronises on those events only.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self._host = 0.0
+        self._events: list = []
+
+    def reset(self) -> None:
+        self._host, self._events = 0.0, []
+
+    def seconds(self) -> float:
+        total = self._host
+        for start, end in self._events:
+            end.synchronize()
+            total += start.elapsed_time(end) / 1e3
+        return total
+
+    def run(self, fn, device: torch.device):
+        if not self.enabled:
+            return fn()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            self._events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = fn()
+        self._host += time.perf_counter() - t0
+        return out
+
+
+exchange_timer = ExchangeTimer()
 
 
 def _family_of(op: Callable) -> str:
@@ -118,7 +165,8 @@ class _StateScan(torch.autograd.Function):
             side = _side_stream(B.device)
             side.wait_event(ready_event)
             with torch.cuda.stream(side):
-                S_start, S_final = exchange.forward(A, B, S_init)
+                S_start, S_final = exchange_timer.run(lambda: exchange.forward(A, B, S_init),
+                                                      B.device)
             for t in (A, B, S_init):
                 if t is not None:
                     t.record_stream(side)
@@ -127,7 +175,7 @@ class _StateScan(torch.autograd.Function):
                     t.record_stream(main)
             main.wait_stream(side)
         else:
-            S_start, S_final = exchange.forward(A, B, S_init)
+            S_start, S_final = exchange_timer.run(lambda: exchange.forward(A, B, S_init), B.device)
         ctx.save_for_backward(A, S_start)
         if S_final is None:
             return S_start, None
@@ -140,7 +188,7 @@ class _StateScan(torch.autograd.Function):
         kind = ex.kind
         if dS_final is None and ex.need_final:
             dS_final = torch.zeros_like(G)
-        D_next = ex.backward(G.contiguous(), dS_final)
+        D_next = exchange_timer.run(lambda: ex.backward(G.contiguous(), dS_final), G.device)
         dA = pairs.grad_transition(kind, D_next, S_start) if ctx.has_A else None
         dS_init = None
         if ctx.has_init and ctx.needs_input_grad[2]:
@@ -247,6 +295,8 @@ def sequence_parallel(
     exchange = make_exchange(method, kind, group, need_final, num_blocks,
                              state_bytes=B.numel() * B.element_size(), V=V)
     S_start, S_final = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready)
+    if os.environ.get(_ZERO_INCOMING_ENV) == "1":
+        S_start = torch.zeros_like(S_start)
 
     # o_t += qe_t @ S_start, per head: [T, K] @ [K, V]
     corr = torch.einsum("bthk,bhkv->bthv", qe.to(state_dtype), S_start)

@@ -1,24 +1,99 @@
 """lsp.kernels: Triton kernels for the two op families (chunkwise forward and backward).
 
-Kernels import nothing of the rest of the project (DESIGN.md §2). Until the kernels land,
-``available()`` reports why they cannot be used, and ``backend="triton"`` raises that reason.
+Kernels import nothing of the rest of the project (DESIGN.md §2). ``lsp.ops`` calls
+:func:`linear_attention` and :func:`delta_rule` for ``backend="triton"`` (and for ``"auto"`` on
+CUDA tensors); :func:`unavailable_reason` says why they cannot run, or None when they can.
+
+Layout, one folder per family as in flash-linear-attention:
+
+- ``common/``: the parts both families share: chunk-local gate sums (``gate.py``), overflow-safe
+  pairwise products for per-channel gates (``pairwise.py``), the chunk-state passes and the
+  segment scan (``state.py``), per-chunk gradients (``grad.py``) and the autograd function that
+  strings them together (``chunk.py``); block sizes and segment counts by rule (``utils.py``).
+- ``linear_attn/``: additive linear attention (``R = V``).
+- ``delta_net/``: the delta rule's WY form and its backward (``intra.py``).
+
+The per-token float64 oracles live beside the torch path in ``lsp/ops/*/naive.py``.
 """
 
 from __future__ import annotations
 
+from typing import Optional
 
-def unavailable_reason() -> str | None:
+_SUPPORTED = ("float16", "bfloat16", "float32")
+
+
+def unavailable_reason() -> Optional[str]:
     """Why ``backend="triton"`` cannot run here, or None when it can."""
     try:
         import triton  # noqa: F401
+        import triton.language  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the machine
         return f"Triton is not importable ({exc!r}); install triton or use backend='torch'"
-    return (
-        "the Triton kernels are not part of this lsp version yet; use backend='torch' "
-        "(or backend='auto', which picks the torch path until the kernels land)"
-    )
+    return None
 
 
 def available() -> bool:
     """True when ``backend="triton"`` can run on this machine."""
     return unavailable_reason() is None
+
+
+def _check(op, q, v, chunk_size):
+    import torch
+
+    from .common import chunk  # noqa: F401  (imports the kernels: fixes interpreted())
+    from .common.utils import MAX_K, interpreted
+
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {q.dtype}; "
+            "cast the inputs (e.g. q.float()) or use backend='torch' (which runs float64)"
+        )
+    K = q.shape[-1]
+    if K > MAX_K:
+        raise ValueError(
+            f"{op}: key head dim K={K} is above the kernels' limit of {MAX_K}; use more heads "
+            "with smaller K, or backend='torch'"
+        )
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"{op}: chunk_size={chunk_size}; the kernels support 16, 32 or 64")
+    if interpreted() and q.dtype == torch.bfloat16:
+        raise ValueError(
+            f"{op}: Triton's CPU interpreter computes bfloat16 dot products wrongly (seen with "
+            "triton 3.9); under TRITON_INTERPRET=1 use float16 or float32 inputs"
+        )
+    if not q.is_cuda and not interpreted():
+        raise ValueError(
+            f"{op}: the Triton kernels need CUDA tensors (got {q.device}); move the inputs to a "
+            "GPU, set TRITON_INTERPRET=1 to run Triton's CPU interpreter, or use backend='torch'"
+        )
+
+
+def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
+                     output_final_state=False, chunk_size=64, num_segments=None):
+    """Chunkwise linear attention on the Triton kernels (contract of ``lsp.ops.linear_attention``).
+
+    ``chunk_size`` (16, 32 or 64) and ``num_segments`` (in-GPU sequence segments; None: by rule,
+    see ``common/utils.choose_segments``) are tuning knobs with no effect on the result beyond
+    rounding. Returns ``(o, S)``: ``o`` in ``v.dtype``, ``S`` ``[B,H,K,V]`` float32 or None.
+    """
+    _check("linear_attention", q, v, chunk_size)
+    from .linear_attn import chunk_linear_attention
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state,
+                                  chunk_size, num_segments)
+
+
+def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+               output_final_state=False, chunk_size=64, num_segments=None):
+    """Chunkwise (gated) delta rule on the Triton kernels (contract of ``lsp.ops.delta_rule``)."""
+    _check("delta_rule", q, v, chunk_size)
+    from .delta_net import chunk_delta_rule
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state,
+                            chunk_size, num_segments)
+
+
+__all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

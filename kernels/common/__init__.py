@@ -1,0 +1,1 @@
+"""Kernels shared by both op families: gates, pairwise products, chunk-state passes, gradients."""

@@ -1,0 +1,246 @@
+"""Chunkwise forward and backward of both families, as one autograd function over the kernels.
+
+Forward (``state.py`` has the notation)::
+
+    G     = chunk-local cumsum of g                               (gate.py)
+    A, P  = overflow-safe pairwise products (per-channel gate)    (pairwise.py)
+    W, U  = WY form of the delta rule                              (delta_net/intra.py)
+    pairs of the P sequence segments, scan, outputs per segment    (state.py)
+
+Backward recomputes ``G``, ``W``, ``U`` and the per-chunk states ``h`` from the saved segment start
+states (in parallel over segments), runs the reverse state pass the same way (pairs of gradient
+segments scanned with ``A_p^T``), then the per-chunk gradient kernels. Only the inputs, the
+segment start states ``[B, H, P, K, V]`` and the segment transitions are kept between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..delta_net.intra import intra_fwd_kernel, wy_bwd_kernel
+from .gate import chunk_cumsum, chunk_reverse_cumsum
+from .grad import grad_kernel
+from .pairwise import pairwise_bwd, pairwise_fwd
+from .state import scan_kernel, state_bwd_kernel, state_fwd_kernel
+from .utils import (
+    SUB_CHUNK,
+    choose_segments,
+    dot_precision,
+    next_pow2,
+    launch,
+    num_warps_for,
+    state_block_v,
+)
+
+
+class _Cfg:
+    """Shapes and block sizes of one call."""
+
+    def __init__(self, q, v, g, beta, chunk_size, num_segments):
+        self.B, self.T, self.H, self.K = q.shape
+        self.V = v.shape[-1]
+        self.dtype = q.dtype
+        self.BT = chunk_size
+        self.NT = triton.cdiv(self.T, self.BT)
+        self.gate = 0 if g is None else (1 if g.dim() == 3 else 2)
+        self.delta = beta is not None
+        self.BK = next_pow2(self.K)
+        self.BV = state_block_v(self.BK, self.V)
+        self.NV = triton.cdiv(self.V, self.BV)
+        self.IP = dot_precision(q.dtype)
+        self.warps = num_warps_for(self.BK)
+        self.P, self.SEG = choose_segments(self.B, self.H, self.NV, self.NT, q.device, num_segments)
+        self.scan_kind = 2 if self.delta else (1 if self.gate else 0)
+
+    def consts(self):
+        return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, BK=self.BK, BV=self.BV)
+
+
+def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
+    B, T, H = cfg.B, cfg.T, cfg.H
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    TA = (torch.empty(B, T, H, cfg.BT, dtype=torch.float32, device=k.device) if store_ta else w)
+    BC = min(SUB_CHUNK, cfg.BT)
+    launch(intra_fwd_kernel, (cfg.NT, B * H),
+        k, v, beta, G if G is not None else k, Pm if Pm is not None else k, w, u, TA, T,
+        H=H, K=cfg.K, V=cfg.V, BT=cfg.BT, BC=BC, NC=cfg.BT // BC, BKI=min(cfg.BK, 64),
+        BVI=min(next_pow2(cfg.V), 64), GATE=cfg.gate, STORE_TA=store_ta, IP=cfg.IP, num_warps=4)
+    return w, u, (TA if store_ta else None)
+
+
+def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool):
+    """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U."""
+    G = chunk_cumsum(g, cfg.BT) if cfg.gate else None
+    Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False) if cfg.gate == 2 else None
+    Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True) if cfg.gate == 2 and cfg.delta else None
+    w = u = TA = None
+    if cfg.delta:
+        w, u, TA = _intra(cfg, k, v, beta, G, Pm, store_ta)
+    return G, Aqk, Pm, w, u, TA
+
+
+def _state_fwd(cfg, mode, q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec, scale,
+               store_end=False):
+    extra = triton.cdiv(cfg.K, cfg.BV) if (mode == 0 and cfg.delta) else 0
+    P = cfg.P
+    d = q  # stand-in for pointers a mode does not use
+    launch(state_fwd_kernel, (cfg.NV + extra, cfg.B * cfg.H, P),
+        q, k, u, w if w is not None else d, G if G is not None else d,
+        Aqk if Aqk is not None else d, o if o is not None else d, h if h is not None else d,
+        r if r is not None else d, s0 if s0 is not None else d,
+        s_end if s_end is not None else d, a_pair if a_pair is not None else d,
+        seg_dec if seg_dec is not None else d,
+        scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, NV=cfg.NV, GATE=cfg.gate, DELTA=cfg.delta,
+        MODE=mode, HAS_S0=s0 is not None, STORE_END=store_end, IP=cfg.IP,
+        num_warps=cfg.warps, **cfg.consts())
+
+
+def _scan(cfg, M, Y, X0, dec, reverse: bool):
+    X = torch.empty(cfg.B, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32, device=Y.device)
+    BVs = min(next_pow2(cfg.V), 32)
+    launch(scan_kernel, (triton.cdiv(cfg.V, BVs), cfg.B * cfg.H),
+        M if M is not None else Y, Y, X0 if X0 is not None else Y, X,
+        dec if dec is not None else Y, cfg.P, H=cfg.H, K=cfg.K, V=cfg.V, BK=cfg.BK, BV=BVs,
+        BKS=min(cfg.BK, 64), KIND=cfg.scan_kind, TRANS=reverse, REVERSE=reverse,
+        HAS_X0=X0 is not None, num_warps=4)
+    return X
+
+
+def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
+    ds_start = torch.empty(cfg.B, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
+                           device=q.device)
+    d = q
+    launch(state_bwd_kernel, (cfg.NV, cfg.B * cfg.H, cfg.P),
+        q, k, w if w is not None else d, G if G is not None else d,
+        Aqk if Aqk is not None else d, do, dh if dh is not None else d,
+        dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
+        scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate, DELTA=cfg.delta, MODE=mode,
+        HAS_DS0=ds0 is not None, IP=cfg.IP, num_warps=cfg.warps, **cfg.consts())
+    return ds_start
+
+
+class ChunkFunction(torch.autograd.Function):
+    """Autograd wrapper; ``beta is None`` selects additive linear attention."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, chunk_size,
+                num_segments):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        beta = beta.contiguous() if beta is not None else None
+        g = g.contiguous() if g is not None else None
+        cfg = _Cfg(q, v, g, beta, chunk_size, num_segments)
+        B, H, K, V, P = cfg.B, cfg.H, cfg.K, cfg.V, cfg.P
+        init = None
+        if initial_state is not None:
+            init = initial_state.detach().to(torch.float32).contiguous()
+        G, Aqk, Pm, w, u, _ = _prepare(cfg, q, k, v, beta, g, scale, store_ta=False)
+        if not cfg.delta:
+            u = v
+
+        a_pair = seg_dec = None
+        if P > 1:
+            f32 = dict(dtype=torch.float32, device=q.device)
+            b_pair = torch.empty(B, H, P, K, V, **f32)
+            a_pair = torch.empty(B, H, P, K, K, **f32) if cfg.delta else None
+            seg_dec = torch.empty(B, H, P, K, **f32) if (cfg.gate and not cfg.delta) else None
+            _state_fwd(cfg, 0, q, k, u, w, G, Aqk, None, None, None, None, b_pair, a_pair,
+                       seg_dec, scale)
+            s0 = _scan(cfg, a_pair, b_pair, init, seg_dec, reverse=False)
+            del b_pair
+        else:
+            s0 = init
+        o = torch.empty_like(v)
+        final = (torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+                 if output_final_state else None)
+        _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final, None, None, scale,
+                   store_end=output_final_state)
+
+        ctx.save_for_backward(q, k, v, beta, g, s0, a_pair, seg_dec)
+        ctx.cfg = cfg
+        ctx.scale = scale
+        ctx.has_init = initial_state is not None
+        ctx.init_dtype = initial_state.dtype if initial_state is not None else None
+        if final is None:
+            return o
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal=None):
+        q, k, v, beta, g, s0, a_pair, seg_dec = ctx.saved_tensors
+        cfg, scale = ctx.cfg, ctx.scale
+        B, T, H, K, V, P, BT, NT = cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.P, cfg.BT, cfg.NT
+        dev = q.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        do = do.contiguous()
+        if dfinal is not None:
+            dfinal = dfinal.to(torch.float32).contiguous()
+
+        G, Aqk, Pm, w, u, TA = _prepare(cfg, q, k, v, beta, g, scale, store_ta=True)
+        if not cfg.delta:
+            u = v
+        # per-chunk states from the saved segment starts (parallel over segments)
+        h = torch.empty(B, NT, H, K, V, dtype=q.dtype, device=dev)
+        r = torch.empty_like(v) if cfg.delta else None
+        _state_fwd(cfg, 2, q, k, u, w, G, Aqk, None, h, r, s0, None, None, None, scale)
+
+        # reverse pass: local segment gradients, reverse scan, then per-chunk gradients
+        if P > 1:
+            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, None, None, scale)
+            ds0 = _scan(cfg, a_pair, d_loc, dfinal, seg_dec, reverse=True)
+            del d_loc
+        else:
+            ds0 = dfinal
+        dh = torch.empty(B, NT, H, K, V, dtype=q.dtype, device=dev)
+        dr = torch.empty_like(v)
+        ds_start = _state_bwd(cfg, 1, q, k, w, G, Aqk, do, dh, dr, ds0, scale)
+        dinit = ds_start[:, :, 0].to(ctx.init_dtype) if ctx.has_init else None
+
+        vec = cfg.gate == 2
+        dq = torch.empty(q.shape, **f32) if vec else torch.empty_like(q)
+        dk = torch.empty(k.shape, **f32) if (vec or cfg.delta) else torch.empty_like(k)
+        dw = torch.empty(k.shape, **f32) if cfg.delta else dq
+        final_g = cfg.gate == 1 and not cfg.delta
+        dG = torch.empty(g.shape, **f32) if (cfg.gate and not final_g) else dq
+        dGl = (torch.empty((B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)
+        dg = torch.empty_like(g) if cfg.gate == 1 else None
+        dAqk = torch.empty(B, T, H, BT, **f32) if vec else dq
+        launch(grad_kernel, (NT, B * H),
+            q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
+            dG, dGl, dg if dg is not None else dq, dAqk, scale, T, NT, GATE=cfg.gate,
+            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=cfg.warps, **cfg.consts())
+        del h, dh
+        if vec:
+            pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG)
+            del dAqk
+
+        dbeta = None
+        if cfg.delta:
+            dv = torch.empty_like(v)
+            dbeta = torch.empty_like(beta)
+            dk_out = dk if vec else torch.empty_like(k)
+            dP = torch.empty(B, T, H, BT, **f32) if vec else dk
+            launch(wy_bwd_kernel, (NT, B * H),
+                k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w, u,
+                dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk, dP, T, NT,
+                H=H, K=K, V=V, BT=BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP,
+                num_warps=cfg.warps)
+            dk = dk_out
+            if vec:
+                pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG)
+        else:
+            dv = dr
+        if vec:
+            dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, dg, dinit, None, None, None, None)
+
+
+def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
+                  num_segments):
+    """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``."""
+    out = ChunkFunction.apply(q, k, v, beta, g, initial_state, scale, output_final_state,
+                              chunk_size, num_segments)
+    if output_final_state:
+        return out
+    return out, None

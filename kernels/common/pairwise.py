@@ -1,0 +1,218 @@
+"""Intra-chunk pairwise products under a per-key-channel gate, computed without overflow.
+
+``M[t, j] = xscale * sum_c x[t, c] y[j, c] exp(G[t, c] - G[j, c])`` for ``j <= t`` (``j < t`` if
+strict) inside each chunk, ``[B, T, H, BT]`` float32 (row ``t`` holds its chunk's columns).
+
+The factor ``exp(G_t - G_j)`` cannot be split as ``exp(G_t) exp(-G_j)`` over a whole chunk (with
+strong decay the second factor overflows), so the chunk is cut into sub-chunks of ``BC`` rows. For
+a block of rows ``i`` and columns ``j < i`` the split is taken at the boundary ``r`` between them
+(``G_t - G_r <= 0`` and ``G_r - G_j <= 0``: both factors at most 1) and the block is one matrix
+product; the diagonal blocks are summed elementwise, one column (or row) at a time. The same
+holds in the backward, which returns ``dx``, ``dy`` and the gate gradient ``x dx - y dy``
+(accumulated into float32 buffers).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import SUB_CHUNK, dot_precision, launch, next_pow2
+
+
+@triton.jit(do_not_specialize=["xscale", "T"])
+def pairwise_fwd_kernel(x, y, G, out, xscale, T,
+                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                        BKP: tl.constexpr, NC: tl.constexpr, STRICT: tl.constexpr,
+                        IP: tl.constexpr):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_c = tl.arange(0, BC)
+    t_s = i_t * BT + i_s * BC
+    if t_s >= T:  # a sub-chunk of padding only
+        return
+    o_r = (t_s + o_c).to(tl.int64)
+    m_r = o_r < T
+    row_r = (i_b * T + o_r) * H + i_h
+    row_ref = (i_b * T + t_s - 1) * H + i_h
+
+    for j in range(i_s):
+        o_j = (i_t * BT + j * BC + o_c).to(tl.int64)
+        m_j = o_j < T
+        row_j = (i_b * T + o_j) * H + i_h
+        acc = tl.zeros([BC, BC], dtype=tl.float32)
+        for kb in range(tl.cdiv(K, BKP)):
+            o_k = kb * BKP + tl.arange(0, BKP)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            m_jk = m_j[:, None] & m_k[None, :]
+            b_x = tl.load(x + row_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+            b_y = tl.load(y + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
+            b_gr = tl.load(G + row_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
+            b_gj = tl.load(G + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0)
+            # (interpreter: scalar conditions enter masks as tensor comparisons)
+            m_ref = m_k & ((o_k * 0 + t_s) >= 1) & ((o_k * 0 + t_s - 1) < T)
+            b_gref = tl.load(G + row_ref * K + o_k, mask=m_ref, other=0.0)
+            b_xs = b_x * tl.where(m_rk, tl.exp(b_gr - b_gref[None, :]), 0.0)
+            b_ys = b_y * tl.where(m_jk, tl.exp(b_gref[None, :] - b_gj), 0.0)
+            acc = tl.dot(b_xs, tl.trans(b_ys), acc, input_precision=IP)
+        tl.store(out + row_r[:, None] * BT + (j * BC + o_c)[None, :], acc * xscale,
+                 mask=m_r[:, None])
+
+    acc = tl.zeros([BC, BC], dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BKP)):
+        o_k = kb * BKP + tl.arange(0, BKP)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        b_x = tl.load(x + row_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
+        b_gr = tl.load(G + row_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.0)
+        for jj in range(BC):
+            t_j = t_s + jj
+            m_kj = m_k & ((o_k * 0 + t_j) < T)
+            row_tj = (i_b * T + t_j) * H + i_h
+            b_yj = tl.load(y + row_tj * K + o_k, mask=m_kj, other=0.0).to(tl.float32)
+            b_gj = tl.load(G + row_tj * K + o_k, mask=m_kj, other=0.0)
+            if STRICT:
+                m_d = (o_c > jj) & m_r
+            else:
+                m_d = (o_c >= jj) & m_r
+            b_e = tl.where(m_d[:, None] & m_k[None, :], tl.exp(b_gr - b_gj[None, :]), 0.0)
+            col = tl.sum(b_x * b_yj[None, :] * b_e, axis=1)
+            acc += tl.where(o_c[None, :] == jj, col[:, None], 0.0)
+    tl.store(out + row_r[:, None] * BT + (i_s * BC + o_c)[None, :], acc * xscale,
+             mask=m_r[:, None])
+    for j in range(i_s + 1, NC):
+        tl.store(out + row_r[:, None] * BT + (j * BC + o_c)[None, :],
+                 tl.zeros([BC, BC], dtype=tl.float32), mask=m_r[:, None])
+
+
+@triton.jit(do_not_specialize=["xscale", "T"])
+def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
+                        H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                        BKP: tl.constexpr, NC: tl.constexpr, SAME: tl.constexpr,
+                        IP: tl.constexpr):
+    """Grid ``(NT, B*H, NC)``: sub-chunk ``s`` gets ``dx`` from its row blocks of ``dM`` and
+    ``dy`` from its column blocks; all three results are added into their float32 buffers."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_c = tl.arange(0, BC)
+    t_s = i_t * BT + i_s * BC
+    if t_s >= T:  # a sub-chunk of padding only
+        return
+    o_r = (t_s + o_c).to(tl.int64)
+    m_r = o_r < T
+    row_r = (i_b * T + o_r) * H + i_h
+    # split point for the blocks left of the diagonal: the row just before this sub-chunk
+    row_ref = (i_b * T + t_s - 1) * H + i_h
+    # split point for the blocks below the diagonal: this sub-chunk's last valid row
+    row_ref2 = (i_b * T + tl.minimum(t_s + BC, T) - 1) * H + i_h
+
+    for kb in range(tl.cdiv(K, BKP)):
+        o_k = kb * BKP + tl.arange(0, BKP)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        p_rk = row_r[:, None] * K + o_k[None, :]
+        b_x = tl.load(x + p_rk, mask=m_rk, other=0.0).to(tl.float32)
+        b_y = tl.load(y + p_rk, mask=m_rk, other=0.0).to(tl.float32)
+        b_g = tl.load(G + p_rk, mask=m_rk, other=0.0)
+        # (interpreter: scalar conditions enter masks as tensor comparisons)
+        m_ref = m_k & ((o_k * 0 + i_s) > 0) & ((o_k * 0 + t_s - 1) < T)
+        m_ref2 = m_k & ((o_k * 0 + t_s) < T)
+
+        # dx: blocks (s, j) for j < s, then the diagonal block
+        b_gref = tl.load(G + row_ref * K + o_k, mask=m_ref, other=0.0)
+        acc = tl.zeros([BC, BKP], dtype=tl.float32)
+        for j in range(i_s):
+            o_j = (i_t * BT + j * BC + o_c).to(tl.int64)
+            m_j = o_j < T
+            row_j = (i_b * T + o_j) * H + i_h
+            m_jk = m_j[:, None] & m_k[None, :]
+            b_yj = tl.load(y + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
+            b_gj = tl.load(G + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0)
+            b_yj = b_yj * tl.where(m_jk, tl.exp(b_gref[None, :] - b_gj), 0.0)
+            b_dm = tl.load(dM + row_r[:, None] * BT + (j * BC + o_c)[None, :], mask=m_r[:, None],
+                           other=0.0)
+            acc = tl.dot(b_dm, b_yj, acc, input_precision=IP)
+        b_dx = acc * tl.where(m_r[:, None] & m_ref[None, :], tl.exp(b_g - b_gref[None, :]), 0.0)
+        for jj in range(BC):
+            t_j = t_s + jj
+            m_kj = m_k & ((o_k * 0 + t_j) < T)
+            row_tj = (i_b * T + t_j) * H + i_h
+            b_yj = tl.load(y + row_tj * K + o_k, mask=m_kj, other=0.0).to(tl.float32)
+            b_gj = tl.load(G + row_tj * K + o_k, mask=m_kj, other=0.0)
+            b_dmc = tl.load(dM + row_r * BT + i_s * BC + jj, mask=m_r, other=0.0)
+            m_d = (o_c >= jj) & m_r
+            b_e = tl.where(m_d[:, None] & m_k[None, :], tl.exp(b_g - b_gj[None, :]), 0.0)
+            b_dx += b_dmc[:, None] * b_yj[None, :] * b_e
+
+        # dy: blocks (i, s) for i > s, then the diagonal block
+        b_gref2 = tl.load(G + row_ref2 * K + o_k, mask=m_ref2, other=0.0)
+        acc = tl.zeros([BC, BKP], dtype=tl.float32)
+        for i in range(i_s + 1, NC):
+            o_j = (i_t * BT + i * BC + o_c).to(tl.int64)
+            m_j = o_j < T
+            row_j = (i_b * T + o_j) * H + i_h
+            m_jk = m_j[:, None] & m_k[None, :]
+            b_xi = tl.load(x + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
+            b_gi = tl.load(G + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0)
+            b_xi = b_xi * tl.where(m_jk, tl.exp(b_gi - b_gref2[None, :]), 0.0)
+            b_dm = tl.load(dM + row_j[:, None] * BT + (i_s * BC + o_c)[None, :], mask=m_j[:, None],
+                           other=0.0)
+            acc = tl.dot(tl.trans(b_dm), b_xi, acc, input_precision=IP)
+        b_dy = acc * tl.where(m_r[:, None] & m_ref2[None, :], tl.exp(b_gref2[None, :] - b_g), 0.0)
+        for tt in range(BC):
+            t_r = t_s + tt
+            m_kr = m_k & ((o_k * 0 + t_r) < T)
+            m_cr = m_r & ((o_c * 0 + t_r) < T)
+            row_tr = (i_b * T + t_r) * H + i_h
+            b_xt = tl.load(x + row_tr * K + o_k, mask=m_kr, other=0.0).to(tl.float32)
+            b_gt = tl.load(G + row_tr * K + o_k, mask=m_kr, other=0.0)
+            b_dmr = tl.load(dM + row_tr * BT + i_s * BC + o_c, mask=m_cr, other=0.0)
+            m_d = (o_c <= tt) & m_cr
+            b_e = tl.where(m_d[:, None] & m_k[None, :], tl.exp(b_gt[None, :] - b_g), 0.0)
+            b_dy += b_dmr[:, None] * b_xt[None, :] * b_e
+
+        b_dx = b_dx * xscale
+        b_dy = b_dy * xscale
+        b_dg = b_x * b_dx - b_y * b_dy
+        if SAME:
+            b_dx += b_dy
+            tl.store(dx + p_rk, tl.load(dx + p_rk, mask=m_rk, other=0.0) + b_dx, mask=m_rk)
+        else:
+            tl.store(dx + p_rk, tl.load(dx + p_rk, mask=m_rk, other=0.0) + b_dx, mask=m_rk)
+            tl.store(dy + p_rk, tl.load(dy + p_rk, mask=m_rk, other=0.0) + b_dy, mask=m_rk)
+        tl.store(dG + p_rk, tl.load(dG + p_rk, mask=m_rk, other=0.0) + b_dg, mask=m_rk)
+
+
+def _sizes(x: torch.Tensor, BT: int):
+    B, T, H, K = x.shape
+    BC = min(SUB_CHUNK, BT)
+    return B, T, H, K, BC, BT // BC, min(next_pow2(K), 64), triton.cdiv(T, BT)
+
+
+def pairwise_fwd(x: torch.Tensor, y: torch.Tensor, G: torch.Tensor, xscale: float, BT: int,
+                 strict: bool) -> torch.Tensor:
+    """``M`` ``[B, T, H, BT]`` float32 (see the module docstring)."""
+    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT)
+    out = torch.empty(B, T, H, BT, dtype=torch.float32, device=x.device)
+    launch(pairwise_fwd_kernel, (NT, B * H, NC),
+        x, y, G, out, xscale, T, H=H, K=K, BT=BT, BC=BC, BKP=BKP, NC=NC, STRICT=strict,
+        IP=dot_precision(x.dtype), num_warps=4)
+    return out
+
+
+def pairwise_bwd(dM: torch.Tensor, x: torch.Tensor, y: torch.Tensor, G: torch.Tensor,
+                 xscale: float, BT: int, dx: torch.Tensor, dy: torch.Tensor,
+                 dG: torch.Tensor) -> None:
+    """Add the gradients of ``pairwise_fwd`` into float32 ``dx``, ``dy`` (may be ``dx``), ``dG``."""
+    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT)
+    launch(pairwise_bwd_kernel, (NT, B * H, NC),
+        dM, x, y, G, dx, dy, dG, xscale, T, H=H, K=K, BT=BT, BC=BC, BKP=BKP, NC=NC,
+        SAME=dx is dy, IP=dot_precision(x.dtype), num_warps=4)

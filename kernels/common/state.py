@@ -1,0 +1,313 @@
+"""Chunk-state passes (forward and reverse) and the affine scan over sequence segments.
+
+Notation per chunk of ``BT`` tokens (rows past ``T`` are masked to zero), with ``G`` the chunk-local
+cumulative log-decay, ``Gl`` its value at the chunk's last token, ``S0`` the state at the chunk
+start and ``scale`` the query scale::
+
+    Qg = q * exp(G)                 Kd = k * exp(Gl - G)          gamma = exp(Gl)
+    A  = scale * (q k^T masked j <= t, times exp(G_t - G_j))      (the intra-chunk scores)
+    R  = U - W S0   (delta rule, WY form: U, W from ``delta_net.intra``)   or   R = V
+    O  = scale * Qg S0 + A R
+    S_end = gamma * S0 + Kd^T R
+
+The sequence of ``NT`` chunks is cut into ``P`` segments of ``SEG`` chunks (``utils.choose_segments``).
+Each segment's state map is affine, ``S_end = A_p S_start + B_p``, so:
+
+1. ``MODE=0`` computes the pairs of all segments in parallel: ``B_p`` from a zero start, and for
+   the delta rule ``A_p`` by running ``K`` extra "identity" columns (value columns evolve
+   independently, so column ``c`` of ``A_p`` is the state of a column started at ``e_c`` with
+   ``U = 0``). For decayed linear attention ``A_p`` is the diagonal ``exp(sum g)``, accumulated
+   on the fly. Plain linear attention has ``A_p = I``.
+2. ``scan_kernel`` folds the pairs: ``S_start[p+1] = A_p S_start[p] + B_p`` (``K x K`` products).
+3. ``MODE=1`` reruns every segment from its true start and writes the outputs (no per-chunk states
+   reach memory in the forward); ``MODE=2`` (backward recompute) writes the per-chunk states
+   ``h`` and residuals ``R`` instead.
+
+The reverse pass is the same with transposes: ``dS_prev = gamma dS + scale Qg^T dO - W^T dR``,
+``dR = A^T dO + Kd dS``, scanned in reverse with ``A_p^T``.
+All index arithmetic that multiplies T, H and a head dim is int64.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: tl.constexpr,
+            IP: tl.constexpr):
+    """Intra-chunk scores ``A`` [BT, BT] (scale included), fp32."""
+    if GATE == 2:
+        b_A = tl.load(Aqk + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+    else:
+        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP)
+        m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+        if GATE == 1:
+            b_A = b_A * tl.where(m_A, tl.exp(b_g[:, None] - b_g[None, :]), 0.0) * scale
+        else:
+            b_A = tl.where(m_A, b_A, 0.0) * scale
+    return b_A
+
+
+@triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
+def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
+                     scale, T, NT, SEG, P,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, GATE: tl.constexpr,
+                     DELTA: tl.constexpr, MODE: tl.constexpr, HAS_S0: tl.constexpr,
+                     STORE_END: tl.constexpr, IP: tl.constexpr):
+    """Grid ``(NV [+ cdiv(K, BV) identity blocks in MODE 0 of the delta rule], B*H, P)``.
+
+    ``u`` is ``U`` (delta rule) or ``v``; ``s0`` ``[B,H,P,K,V]`` start states (``HAS_S0``);
+    ``s_end``: ``B_p`` ``[B,H,P,K,V]`` in MODE 0, the final state ``[B,H,K,V]`` in MODE 1.
+    """
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    dt = k.dtype.element_ty
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_i = tl.arange(0, BT)
+    o_c = i_v * BV + tl.arange(0, BV)
+    m_c = o_c < V  # false for every column of an identity block (i_v >= NV)
+    m_kc = m_k[:, None] & m_c[None, :]
+
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        S += tl.load(s0 + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], mask=m_kc,
+                     other=0.0).to(tl.float32)
+    if MODE == 0:
+        if DELTA:
+            o_a = (i_v - NV) * BV + tl.arange(0, BV)
+            m_a = (o_a >= 0) & (o_a < K)
+            S += ((o_k[:, None] == o_a[None, :]) & m_a[None, :]).to(tl.float32)
+    dec = tl.zeros([BK], dtype=tl.float32)
+
+    n0 = i_p * SEG
+    n1 = tl.minimum(n0 + SEG, NT)
+    for n in range(n0, n1):
+        o_t = (n * BT + o_i).to(tl.int64)
+        m_t = o_t < T
+        row = (i_b * T + o_t) * H + i_h
+        row_l = (i_b * T + tl.minimum(n * BT + BT, T) - 1) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tc = m_t[:, None] & m_c[None, :]
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_g = tl.zeros([BT], dtype=tl.float32)
+        if GATE == 1:
+            b_g = tl.load(G + row, mask=m_t, other=0.0)
+            b_gl = tl.load(G + row_l)
+        if GATE == 2:
+            b_g2 = tl.load(G + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_gl2 = tl.load(G + row_l * K + o_k, mask=m_k, other=0.0)
+        if DELTA:
+            b_w = tl.load(w + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_u = tl.load(u + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0)
+            b_r = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt), input_precision=IP)
+        else:
+            b_r = tl.load(u + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
+        if MODE == 2:
+            p_h = h + (((i_b * NT + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
+            tl.store(p_h, S.to(h.dtype.element_ty), mask=m_kc)
+            if DELTA:
+                tl.store(r + row[:, None] * V + o_c[None, :], b_r.to(r.dtype.element_ty),
+                         mask=m_tc)
+        if MODE == 1:
+            b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            if GATE == 0:
+                b_qg = b_q
+            elif GATE == 1:
+                b_qg = (b_q * tl.exp(b_g)[:, None]).to(dt)
+            else:
+                b_qg = (b_q * tl.exp(b_g2)).to(dt)
+            b_o = tl.dot(b_qg, S.to(dt), input_precision=IP) * scale
+            b_A = _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP)
+            b_o += tl.dot(b_A.to(dt), b_r.to(dt), input_precision=IP)
+            tl.store(o + row[:, None] * V + o_c[None, :], b_o.to(o.dtype.element_ty), mask=m_tc)
+        if GATE == 0:
+            b_kd = b_k
+        elif GATE == 1:
+            b_kd = (b_k * tl.where(m_t, tl.exp(b_gl - b_g), 0.0)[:, None]).to(dt)
+            S = S * tl.exp(b_gl)
+            dec += b_gl
+        else:
+            b_kd = (b_k * tl.where(m_tk, tl.exp(b_gl2[None, :] - b_g2), 0.0)).to(dt)
+            S = S * tl.exp(b_gl2)[:, None]
+            dec += b_gl2
+        S = tl.dot(tl.trans(b_kd), b_r.to(dt), S, input_precision=IP)
+
+    if MODE == 0:
+        base = (i_bh * P + i_p) * K
+        tl.store(s_end + (base + o_k[:, None]) * V + o_c[None, :], S, mask=m_kc)
+        if DELTA:
+            tl.store(a_pair + (base + o_k[:, None]) * K + o_a[None, :], S,
+                     mask=m_k[:, None] & m_a[None, :])
+        else:
+            if GATE != 0:
+                if i_v == 0:
+                    tl.store(seg_dec + base + o_k, dec, mask=m_k)
+    if MODE == 1:
+        if STORE_END:
+            if i_p == P - 1:
+                tl.store(s_end + (i_bh * K + o_k[:, None]) * V + o_c[None, :], S, mask=m_kc)
+
+
+@triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
+def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start,
+                     scale, T, NT, SEG, P,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                     DELTA: tl.constexpr, MODE: tl.constexpr, HAS_DS0: tl.constexpr,
+                     IP: tl.constexpr):
+    """Reverse pass, grid ``(cdiv(V, BV), B*H, P)``.
+
+    ``ds0`` ``[B,H,P,K,V]``: gradient w.r.t. each segment's end state (``HAS_DS0``); the result,
+    the gradient w.r.t. each segment's start state, goes to ``ds_start`` ``[B,H,P,K,V]``.
+    MODE 1 also writes ``dh`` (gradient w.r.t. each chunk's end state, ``[B,NT,H,K,V]``) and
+    ``dr`` (gradient w.r.t. ``R``, ``[B,T,H,V]``; for linear attention this is ``dv``).
+    """
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    dt = k.dtype.element_ty
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_i = tl.arange(0, BT)
+    o_c = i_v * BV + tl.arange(0, BV)
+    m_c = o_c < V
+    m_kc = m_k[:, None] & m_c[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DS0:
+        dS += tl.load(ds0 + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], mask=m_kc,
+                      other=0.0).to(tl.float32)
+
+    n0 = i_p * SEG
+    n1 = tl.minimum(n0 + SEG, NT)
+    for i in range(n1 - n0):
+        n = n1 - 1 - i
+        o_t = (n * BT + o_i).to(tl.int64)
+        m_t = o_t < T
+        row = (i_b * T + o_t) * H + i_h
+        row_l = (i_b * T + tl.minimum(n * BT + BT, T) - 1) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tc = m_t[:, None] & m_c[None, :]
+        if MODE == 1:
+            p_dh = dh + (((i_b * NT + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
+            tl.store(p_dh, dS.to(dh.dtype.element_ty), mask=m_kc)
+        b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_do = tl.load(do + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0)
+        b_g = tl.zeros([BT], dtype=tl.float32)
+        if GATE == 1:
+            b_g = tl.load(G + row, mask=m_t, other=0.0)
+            b_gl = tl.load(G + row_l)
+        if GATE == 2:
+            b_g2 = tl.load(G + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_gl2 = tl.load(G + row_l * K + o_k, mask=m_k, other=0.0)
+        b_A = _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP)
+        b_dr = tl.dot(tl.trans(b_A.to(dt)), b_do, input_precision=IP)
+        if GATE == 0:
+            b_kd = b_k
+            b_qg = b_q
+        elif GATE == 1:
+            b_kd = (b_k * tl.where(m_t, tl.exp(b_gl - b_g), 0.0)[:, None]).to(dt)
+            b_qg = (b_q * tl.exp(b_g)[:, None]).to(dt)
+        else:
+            b_kd = (b_k * tl.where(m_tk, tl.exp(b_gl2[None, :] - b_g2), 0.0)).to(dt)
+            b_qg = (b_q * tl.exp(b_g2)).to(dt)
+        b_dr = tl.dot(b_kd, dS.to(dt), b_dr, input_precision=IP)
+        if MODE == 1:
+            tl.store(dr + row[:, None] * V + o_c[None, :], b_dr.to(dr.dtype.element_ty), mask=m_tc)
+        if GATE == 1:
+            dS = dS * tl.exp(b_gl)
+        if GATE == 2:
+            dS = dS * tl.exp(b_gl2)[:, None]
+        dS += tl.dot(tl.trans(b_qg), b_do, input_precision=IP) * scale
+        if DELTA:
+            b_w = tl.load(w + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            dS -= tl.dot(tl.trans(b_w), b_dr.to(dt), input_precision=IP)
+
+    tl.store(ds_start + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], dS, mask=m_kc)
+
+
+@triton.jit(do_not_specialize=["P"])
+def scan_kernel(M, Y, X0, X, dec, P,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, BKS: tl.constexpr, KIND: tl.constexpr, TRANS: tl.constexpr,
+                REVERSE: tl.constexpr, HAS_X0: tl.constexpr):
+    """Affine scan over the ``P`` segments of each (batch, head), grid ``(cdiv(V, BV), B*H)``.
+
+    ``x_0 = X0`` (or 0); ``x_{i+1} = M_p x_i + Y_p`` with ``p = i`` (or ``P-1-i`` if REVERSE, and
+    ``M_p^T`` if TRANS); ``x_i`` is written to ``X[p]`` (``[B,H,P,K,V]``). KIND 0: ``M = I``;
+    KIND 1: ``M = diag(exp(dec_p))`` (``dec`` ``[B,H,P,K]``); KIND 2: full ``M`` ``[B,H,P,K,K]``.
+    Exact float32 arithmetic (``ieee`` dots).
+    """
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_c = i_v * BV + tl.arange(0, BV)
+    m_c = o_c < V
+    if KIND != 2:
+        o_k = tl.arange(0, BK)
+        m_k = o_k < K
+        m_kc = m_k[:, None] & m_c[None, :]
+        x = tl.zeros([BK, BV], dtype=tl.float32)
+        if HAS_X0:
+            x += tl.load(X0 + (i_bh * K + o_k[:, None]) * V + o_c[None, :], mask=m_kc, other=0.0)
+        for i in range(P - 1):
+            p = i
+            if REVERSE:
+                p = P - 1 - i
+            base = (i_bh * P + p) * K
+            tl.store(X + (base + o_k[:, None]) * V + o_c[None, :], x, mask=m_kc)
+            if KIND == 1:
+                x = x * tl.exp(tl.load(dec + base + o_k, mask=m_k, other=0.0))[:, None]
+            x += tl.load(Y + (base + o_k[:, None]) * V + o_c[None, :], mask=m_kc, other=0.0)
+        p = P - 1
+        if REVERSE:
+            p = 0
+        tl.store(X + ((i_bh * P + p) * K + o_k[:, None]) * V + o_c[None, :], x, mask=m_kc)
+    else:
+        o_s = tl.arange(0, BKS)
+        p = 0
+        if REVERSE:
+            p = P - 1
+        for rb in tl.static_range(BK // BKS):
+            o_r = rb * BKS + o_s
+            m_rc = (o_r < K)[:, None] & m_c[None, :]
+            x = tl.zeros([BKS, BV], dtype=tl.float32)
+            if HAS_X0:
+                x += tl.load(X0 + (i_bh * K + o_r[:, None]) * V + o_c[None, :], mask=m_rc,
+                             other=0.0)
+            tl.store(X + ((i_bh * P + p) * K + o_r[:, None]) * V + o_c[None, :], x, mask=m_rc)
+        for i in range(P - 1):
+            p = i
+            pn = i + 1
+            if REVERSE:
+                p = P - 1 - i
+                pn = P - 2 - i
+            tl.debug_barrier()
+            base = (i_bh * P + p) * K
+            for rb in tl.static_range(BK // BKS):
+                o_r = rb * BKS + o_s
+                m_r = o_r < K
+                acc = tl.load(Y + (base + o_r[:, None]) * V + o_c[None, :],
+                              mask=m_r[:, None] & m_c[None, :], other=0.0)
+                for kb in tl.static_range(BK // BKS):
+                    o_q = kb * BKS + o_s
+                    m_q = o_q < K
+                    if TRANS:
+                        b_m = tl.load(M + (base + o_q[None, :]) * K + o_r[:, None],
+                                      mask=m_r[:, None] & m_q[None, :], other=0.0)
+                    else:
+                        b_m = tl.load(M + (base + o_r[:, None]) * K + o_q[None, :],
+                                      mask=m_r[:, None] & m_q[None, :], other=0.0)
+                    b_x = tl.load(X + (base + o_q[:, None]) * V + o_c[None, :],
+                                  mask=m_q[:, None] & m_c[None, :], other=0.0)
+                    acc = tl.dot(b_m, b_x, acc, input_precision="ieee")
+                tl.store(X + ((i_bh * P + pn) * K + o_r[:, None]) * V + o_c[None, :], acc,
+                         mask=m_r[:, None] & m_c[None, :])

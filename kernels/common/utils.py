@@ -1,0 +1,104 @@
+"""Configuration rules shared by the kernel families: block sizes, chunk and segment counts.
+
+Every kernel runs with one fixed configuration chosen here by rule (no autotuning), so the same
+code runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``, where autotuning cannot run)
+and on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+DEFAULT_CHUNK_SIZE = 64
+SUB_CHUNK = 16  # rows per sub-chunk (blocked triangular solve, per-channel gate blocks)
+MAX_K = 256
+
+
+def interpreted() -> bool:
+    """True when the kernels of this process were built for Triton's CPU interpreter.
+
+    Triton decides at decoration time (``TRITON_INTERPRET`` when a module's ``@triton.jit``
+    runs), and every kernel module of ``lsp.kernels`` imports this one, so the flag is read once,
+    when the kernels are imported.
+    """
+    return INTERPRETED
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed 4 on CPU, for the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for dots with float32 operands: exact for fp32 inputs, tf32 else."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def state_block_v(BK: int, V: int) -> int:
+    """Value columns per program of the chunk-state passes (the state tile is ``[BK, BV]``)."""
+    cap = 64 if BK <= 128 else 32
+    return min(next_pow2(V), cap)
+
+
+def num_warps_for(BK: int) -> int:
+    """Warps for the kernels that hold ``[BT, BK]`` / ``[BK, BV]`` float32 tiles."""
+    return 4 if BK <= 64 else 8
+
+
+_STAGES: dict = {}
+
+
+def launch(kernel, grid, *args, num_warps: int, num_stages: int = 2, **constexprs) -> None:
+    """``kernel[grid](*args, **constexprs)``; if the software pipeline's shared memory does not
+    fit (Triton's ``OutOfResources``), fall back to ``num_stages=1`` for this configuration."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel, num_warps, tuple(sorted(constexprs.items())))
+    stages = _STAGES.get(key, num_stages)
+    try:
+        kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+    except OutOfResources:
+        if stages == 1:
+            raise
+        _STAGES[key] = 1
+        kernel[grid](*args, num_warps=num_warps, num_stages=1, **constexprs)
+
+
+def choose_segments(B: int, H: int, NV: int, NT: int, device: torch.device,
+                    forced: int | None = None) -> tuple[int, int]:
+    """``(P, SEG)``: split each sequence of ``NT`` chunks into ``P`` segments of ``SEG`` chunks.
+
+    A chunk-state pass is sequential over chunks and has only ``B*H*NV`` programs; at small batch
+    that leaves most multiprocessors idle. Segments run in parallel (their affine pairs are
+    scanned in between), so aim for about ``2 * SMs`` programs, with at least ``8`` chunks per
+    segment so the extra pass stays cheap. ``forced`` (or ``LSP_KERNELS_SEGMENTS``) overrides.
+    """
+    if forced is None and os.environ.get("LSP_KERNELS_SEGMENTS"):
+        forced = int(os.environ["LSP_KERNELS_SEGMENTS"])
+    if forced is not None:
+        P = max(1, min(int(forced), NT))
+    else:
+        base = B * H * NV
+        want = -(-2 * sm_count(device) // base)
+        P = max(1, min(want, NT // 8))
+    SEG = -(-NT // P)
+    P = -(-NT // SEG)
+    return P, SEG

@@ -1,0 +1,16 @@
+"""Chunkwise delta rule: ``S_t = (I - b_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T``.
+
+The WY form (``intra.py``) turns each chunk into ``R = U - W S0``; from there the state passes,
+the segment scan and the gradients are those of ``common/``. The per-token oracle is
+``lsp.ops.delta_net.naive``.
+"""
+
+from __future__ import annotations
+
+
+def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
+                     num_segments):
+    from ..common.chunk import chunk_forward  # common/ imports this family's kernels
+
+    return chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
+                         num_segments)

@@ -1,0 +1,526 @@
+"""GPU check and benchmark of the Triton kernels (``lsp.kernels``).
+
+1. Correctness: every family x gate kind x dtype (bf16, fp16, fp32) against the float64 per-token
+   oracle (outputs, final state, every input gradient incl. the initial state, with a random
+   cotangent on the final state), with the CUDA caching allocator poisoned with NaN before each
+   kernel call so that an element a kernel fails to write shows up; plus wide shapes (K != V,
+   V = 256 as in the sequence-parallel augmented call, K = 256), forced sequence segments, and
+   gates of 0 / -1000. Pass: rel err <= 1e-2 (bf16, fp16), <= 1e-4 (fp32), everything finite.
+2. Segment sweep: Gated DeltaNet fwd+bwd at T = 64K for several in-GPU segment counts.
+3. Timing: fwd+bwd at B=1, H=16, K=V=128, bf16, T in {8K, 32K, 64K, 128K} for each family next to
+   its fla 0.6.0 counterpart and torch SDPA flash attention (causal), same run, CUDA events,
+   median of several repeats; peak memory of the fwd+bwd above the inputs.
+
+Prints tables and writes JSON::
+
+    python -m lsp.launch.bench_kernels --out bench.json [--commit SHA] [--seqlens 8192,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("linear_attention", "delta_rule")
+GATES = ("none", "scalar", "vector")
+NAMES = {
+    ("linear_attention", "none"): "linear attention",
+    ("linear_attention", "scalar"): "decayed LA (simple GLA)",
+    ("linear_attention", "vector"): "GLA",
+    ("delta_rule", "none"): "DeltaNet",
+    ("delta_rule", "scalar"): "Gated DeltaNet",
+    ("delta_rule", "vector"): "KDA-like",
+}
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda"  # a CPU dry run of the script's logic (interpreter) sets "cpu"
+
+
+# ----------------------------------------------------------------------------------- helpers
+def log(*a):
+    print(*a, flush=True)
+
+
+def poison():
+    """Fill the caching allocator's free memory with NaN, so unwritten outputs read as NaN."""
+    if DEVICE != "cuda":
+        return
+    big = torch.empty(256 * 2**20, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+    small = [torch.empty(2**17, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+             for _ in range(128)]
+    del big, small
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    den = ref.norm().item()
+    return (x - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def make_inputs(family, gate, B, T, H, K, V, dtype, seed=0, gate_value=None, state=True):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen, device=DEVICE, dtype=torch.float32)
+
+    a = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V)}
+    if family == "delta_rule":
+        a["beta"] = torch.sigmoid(rnd(B, T, H))
+    shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, K)}[gate]
+    if shape is not None:
+        g = F.logsigmoid(rnd(*shape))
+        if gate_value is not None:
+            g[:, 1::2] = gate_value
+        a["g"] = g
+    if state:
+        a["initial_state"] = rnd(B, H, K, V)
+    out = {}
+    for n, t in a.items():
+        # gates, beta and states stay float32 (as models keep them); q, k, v take the dtype
+        out[n] = (t.to(dtype) if n in ("q", "k", "v") else t).requires_grad_()
+    return out
+
+
+def call(fn, a, **kw):
+    pos = [a["q"], a["k"], a["v"]] + ([a["beta"]] if "beta" in a else [])
+    return fn(*pos, a.get("g"), initial_state=a.get("initial_state"), **kw)
+
+
+def outs_and_grads(fn, a, seed=1, **kw):
+    o, S = call(fn, a, output_final_state=True, **kw)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype)
+    dS = torch.randn(S.shape, generator=gen, device=DEVICE).to(S.dtype)
+    names = list(a)
+    grads = torch.autograd.grad([o, S], [a[n] for n in names], [do, dS])
+    return o, S, dict(zip(names, grads))
+
+
+# ------------------------------------------------------------------------------- correctness
+def correctness_cases():
+    cases = []
+    for family in FAMILIES:
+        for gate in GATES:
+            for dts in ("bf16", "fp16", "fp32"):
+                cases.append(dict(family=family, gate=gate, dtype=dts, B=2, T=333, H=2, K=64,
+                                  V=128, segs=3, oracle="naive"))
+    for family in FAMILIES:
+        for gate in ("scalar", "vector"):
+            for gv in (0.0, -1000.0):
+                cases.append(dict(family=family, gate=gate, dtype="fp32", B=1, T=200, H=2, K=64,
+                                  V=64, segs=2, oracle="naive", gate_value=gv))
+    wide = [("delta_rule", "scalar", "bf16", 128, 256), ("delta_rule", "vector", "bf16", 128, 256),
+            ("linear_attention", "vector", "bf16", 128, 256), ("delta_rule", "scalar", "bf16", 256, 64),
+            ("linear_attention", "scalar", "bf16", 256, 128), ("delta_rule", "none", "fp32", 32, 32),
+            ("delta_rule", "scalar", "fp32", 128, 128), ("linear_attention", "none", "bf16", 128, 128)]
+    for family, gate, dts, K, V in wide:
+        cases.append(dict(family=family, gate=gate, dtype=dts, B=1, T=1500, H=2, K=K, V=V,
+                          segs=None, oracle="chunk64"))
+    cases.append(dict(family="delta_rule", gate="scalar", dtype="bf16", B=1, T=8192, H=4, K=128,
+                      V=128, segs=None, oracle="chunk64"))
+    return cases
+
+
+def _chunk_ref(family, q, k, v, *rest, initial_state=None, output_final_state=False):
+    """The float64 chunkwise torch path (exact to float64 rounding; tests check it against the
+    per-token oracle), for the longer cases where the per-token loop is slow."""
+    from lsp.ops.common.chunk import chunk_recurrence
+
+    beta = rest[0] if family == "delta_rule" else None
+    return chunk_recurrence(q, k, v, rest[-1], beta, q.shape[-1] ** -0.5, initial_state,
+                            output_final_state)
+
+
+def run_case(c):
+    from lsp import kernels
+    from lsp.ops.delta_net.naive import naive_recurrent_delta_rule
+    from lsp.ops.linear_attn.naive import naive_recurrent_linear_attention
+
+    naive = {"linear_attention": naive_recurrent_linear_attention,
+             "delta_rule": naive_recurrent_delta_rule}
+    dtype = DT[c["dtype"]]
+    a = make_inputs(c["family"], c["gate"], c["B"], c["T"], c["H"], c["K"], c["V"], dtype,
+                    seed=c["T"] + c["K"], gate_value=c.get("gate_value"))
+    rec = dict(c)
+    try:
+        poison()
+        o, S, grads = outs_and_grads(getattr(kernels, c["family"]), a, num_segments=c["segs"])
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        ref = {n: t.detach().double().requires_grad_() for n, t in a.items()}
+        if c["oracle"] == "naive":
+            o_r, S_r, g_r = outs_and_grads(naive[c["family"]], ref)
+        else:
+            def rfn(*args, **kw):
+                return _chunk_ref(c["family"], *args, **kw)
+            o_r, S_r, g_r = outs_and_grads(rfn, ref)
+        finite = bool(torch.isfinite(o).all() and torch.isfinite(S).all()
+                      and all(torch.isfinite(g).all() for g in grads.values()))
+        errs = {"o": rel_err(o, o_r), "S": rel_err(S, S_r)}
+        errs.update({f"d{n}": rel_err(grads[n], g_r[n]) for n in grads})
+        tol = TOL[dtype] if c.get("gate_value") != -1000.0 else 1e-3
+        rec.update(errs=errs, finite=finite, tol=tol, worst=max(errs.values()),
+                   ok=finite and all(e <= tol for e in errs.values()))
+    except Exception as exc:  # keep going; the report says what broke
+        rec.update(ok=False, error=repr(exc)[:500], trace=traceback.format_exc()[-3000:])
+    return rec
+
+
+def case_line(rec):
+    tag = (f"{NAMES[(rec['family'], rec['gate'])]:24s} {rec['dtype']:5s} T={rec['T']:5d} "
+           f"K={rec['K']:3d} V={rec['V']:3d} P={rec['segs']}")
+    if "gate_value" in rec:
+        tag += f" g={rec['gate_value']}"
+    if "error" in rec:
+        return f"FAIL {tag}: {rec['error']}"
+    flag = "ok  " if rec["ok"] else "FAIL"
+    return (f"{flag} {tag} worst={rec['worst']:.2e} (tol {rec['tol']:.0e}) finite={rec['finite']} "
+            + " ".join(f"{k}={v:.1e}" for k, v in rec["errs"].items()))
+
+
+def _worker_init():
+    # fla: compile every autotune config here (shared Triton cache) but keep no tuning result,
+    # so the main process tunes on a quiet GPU
+    os.environ["FLA_CACHE_RESULTS"] = "0"
+
+
+def pool_task(task):
+    """Phase A, in a worker process: a correctness case, or a warm-up that compiles kernels."""
+    kind = task["kind"]
+    t0 = time.time()
+    try:
+        if kind == "case":
+            rec = run_case(task["case"])
+        else:
+            family, gate = task["family"], task["gate"]
+            a = bench_inputs(family, gate, task["T"])
+            if kind == "warm_fla":
+                _allow_fla_gated_bwd()
+                fn = fla_fn(family, gate)
+            else:
+                from lsp import kernels
+                fn = ours_fn(kernels, family)
+            fwd_bwd(fn, a)()
+            torch.cuda.synchronize()
+            rec = dict(kind=kind, family=family, gate=gate, ok=True)
+    except Exception as exc:
+        rec = dict(kind=kind, ok=False, error=repr(exc)[:500], trace=traceback.format_exc()[-3000:])
+    rec["seconds"] = time.time() - t0
+    return rec
+
+
+def _allow_fla_gated_bwd():
+    """fla 0.6.0 refuses its gated backward on Hopper with triton < 3.7.1 (fla #640); for the
+    baseline timing only, let it run (its gradients are not checked here)."""
+    import fla.ops.common.chunk_o as fla_chunk_o
+    was = bool(fla_chunk_o.TRITON_ABOVE_3_7_1)
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return was
+
+
+# ------------------------------------------------------------------------------------ timing
+def timed(run, reps, warmup=1):
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts), ts
+
+
+def peak_mem(run):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def bench_inputs(family, gate, T, B=1, H=16, K=128, V=128, seed=0):
+    a = make_inputs(family, gate, B, T, H, K, V, torch.bfloat16, seed=seed, state=False)
+    if "beta" in a:
+        a["beta"] = a["beta"].detach().to(torch.bfloat16).requires_grad_()
+    return a
+
+
+def fwd_bwd(fn, a):
+    """A closure running forward + backward (w.r.t. every input) with a fixed cotangent."""
+    leaves = list(a.values())
+    o = fn(a)
+    do = torch.randn_like(o)
+    del o
+
+    def run():
+        o = fn(a)
+        torch.autograd.grad(o, leaves, do)
+    return run
+
+
+def ours_fn(kernels, family, segs=None):
+    f = getattr(kernels, family)
+
+    def fn(a):
+        return call(f, a, num_segments=segs)[0]
+    return fn
+
+
+def fla_fn(family, gate):
+    if (family, gate) == ("linear_attention", "none"):
+        from fla.ops.linear_attn import chunk_linear_attn
+        return lambda a: chunk_linear_attn(a["q"], a["k"], a["v"], normalize=False)[0]
+    if (family, gate) == ("linear_attention", "scalar"):
+        from fla.ops.simple_gla import chunk_simple_gla
+        return lambda a: chunk_simple_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
+    if (family, gate) == ("linear_attention", "vector"):
+        from fla.ops.gla import chunk_gla
+        return lambda a: chunk_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
+    if (family, gate) == ("delta_rule", "none"):
+        from fla.ops.delta_rule import chunk_delta_rule
+        return lambda a: chunk_delta_rule(a["q"], a["k"], a["v"], a["beta"])[0]
+    if (family, gate) == ("delta_rule", "scalar"):
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return lambda a: chunk_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], a["beta"])[0]
+    from fla.ops.kda import chunk_kda
+    return lambda a: chunk_kda(a["q"], a["k"], a["v"], a["g"], a["beta"])[0]
+
+
+def sdpa_fn():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn(a):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(a["q"].transpose(1, 2), a["k"].transpose(1, 2),
+                                               a["v"].transpose(1, 2), is_causal=True)
+        return o.transpose(1, 2)
+    return fn
+
+
+def measure(fn, a, reps):
+    run = fwd_bwd(fn, a)
+    ms, ts = timed(run, reps)
+    mem = peak_mem(run)
+    return dict(ms=ms, all_ms=ts, peak_gib=mem)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--commit", default=os.environ.get("LSP_COMMIT", "unknown"))
+    ap.add_argument("--seqlens", default="8192,32768,65536,131072")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: correct,sweep,profile,time,fla")
+    ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
+    ap.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
+    args = ap.parse_args()
+    t_start = time.time()
+    end = t_start + args.budget
+    skip = set(filter(None, args.skip.split(",")))
+
+    import triton
+
+    from lsp import kernels
+    from lsp.kernels.common.utils import choose_segments
+    from lsp.launch import bench_kernels as bk  # workers pickle functions of the named module
+
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), commit=args.commit,
+                sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                command=" ".join(sys.argv))
+    if "fla" not in skip:
+        try:
+            import fla
+            info["fla"] = fla.__version__
+            info["fla_TRITON_ABOVE_3_7_1_was"] = _allow_fla_gated_bwd()
+        except Exception as exc:
+            info["fla_error"] = repr(exc)
+            skip.add("fla")
+    log("env:", json.dumps(info))
+    result = dict(info=info)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    # A. in parallel worker processes: correctness cases, and warm-ups that compile every kernel
+    #    of the timing section (lsp's and all of fla's autotune configs) into the Triton cache
+    tasks = []
+    if "fla" not in skip and "time" not in skip:
+        tasks += [dict(kind="warm_fla", family=f, gate=g, T=8192) for f in FAMILIES for g in GATES]
+    if "time" not in skip:
+        tasks += [dict(kind="warm_lsp", family=f, gate=g, T=4096) for f in FAMILIES for g in GATES]
+    if "correct" not in skip:
+        tasks += [dict(kind="case", case=c) for c in correctness_cases()]
+    if tasks:
+        import multiprocessing as mp
+        log(f"\n== phase A: {len(tasks)} tasks on {args.workers} worker processes ==")
+        ctx = mp.get_context("spawn")
+        pool = ctx.Pool(args.workers, initializer=bk._worker_init)
+        results_iter = pool.imap_unordered(bk.pool_task, tasks, chunksize=1)
+        deadline = t_start + 0.5 * args.budget
+        recs = []
+        while len(recs) < len(tasks):
+            try:
+                recs.append(results_iter.next(timeout=max(1.0, deadline - time.time())))
+            except mp.TimeoutError:
+                log(f"phase A: time budget reached with {len(tasks) - len(recs)} tasks unfinished")
+                break
+        pool.terminate()
+        correct = [r for r in recs if "oracle" in r]
+        warm = [r for r in recs if "oracle" not in r]
+        for r in warm:
+            status = "ok" if r["ok"] else f"FAIL {r.get('error')}\n{r.get('trace', '')}"
+            log(f"  {r['kind']:9s} {r.get('family', '')}/{r.get('gate', '')}: {r['seconds']:.0f} s {status}")
+        if "correct" not in skip:
+            log("\n== correctness vs float64 (allocator poisoned with NaN first) ==")
+            for r in correct:
+                log(case_line(r))
+                if "trace" in r:
+                    log(r["trace"])
+            log(f"correctness: {sum(r['ok'] for r in correct)}/{len(correct)} passed")
+        result["correctness"] = correct
+        result["warmup"] = warm
+        log(f"phase A took {time.time() - t_start:.0f} s")
+        save()
+
+    # B. segment sweep (Gated DeltaNet, T=64K)
+    if "sweep" not in skip and time.time() < end - 150:
+        log("\n== segment sweep: Gated DeltaNet fwd+bwd, B=1 H=16 K=V=128 T=65536 bf16 ==")
+        a = bench_inputs("delta_rule", "scalar", 65536)
+        sweep = {}
+        for P in [int(x) for x in args.sweep.split(",")]:
+            try:
+                r = measure(ours_fn(kernels, "delta_rule", P), a, 5)
+                sweep[P] = r
+                log(f"  P={P:3d}: {r['ms']:.3f} ms  peak {r['peak_gib']:.2f} GiB")
+            except Exception as exc:
+                sweep[P] = dict(error=repr(exc)[:300])
+                log(f"  P={P}: ERROR {exc!r}")
+        info["rule_segments_64k"] = choose_segments(1, 16, 2, 1024, torch.device("cuda"))[0]
+        log(f"  (the rule picks P={info['rule_segments_64k']})")
+        result["segment_sweep"] = {str(k): v for k, v in sweep.items()}
+        del a
+        save()
+
+    # C. per-kernel profile of one fwd+bwd (Gated DeltaNet, T=64K), lsp and fla
+    if "profile" not in skip and time.time() < end - 120:
+        from torch.profiler import ProfilerActivity, profile
+        a = bench_inputs("delta_rule", "scalar", 65536)
+        prof_out = {}
+        who = [("lsp", ours_fn(kernels, "delta_rule"))]
+        if "fla" not in skip:
+            who.append(("fla", fla_fn("delta_rule", "scalar")))
+        for name, fn in who:
+            try:
+                run = fwd_bwd(fn, a)
+                run()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    run()
+                    torch.cuda.synchronize()
+                rows = []
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+                    if t > 0:
+                        rows.append((ev.key, t / 1000.0, ev.count))
+                rows.sort(key=lambda r: -r[1])
+                prof_out[name] = rows[:30]
+                log(f"\n-- profile {name}: GPU ms, calls, kernel --")
+                for key, t, n in rows[:16]:
+                    log(f"  {t:8.3f}  {n:3d}  {key[:100]}")
+            except Exception as exc:
+                prof_out[name] = repr(exc)
+                log(f"profile {name}: ERROR {exc!r}")
+        result["profile_gdn_64k"] = prof_out
+        del a
+        save()
+
+    # D. timing table
+    if "time" not in skip:
+        log("\n== fwd+bwd time (ms) and peak memory above inputs (GiB), B=1 H=16 K=V=128 bf16 ==")
+        table = []
+        result["timing"] = table
+        for T in [int(x) for x in args.seqlens.split(",")]:
+            for family in FAMILIES:
+                for gate in GATES:
+                    if time.time() > end - 25:
+                        break
+                    row = dict(T=T, op=NAMES[(family, gate)])
+                    a = bench_inputs(family, gate, T)
+                    reps = args.reps if T <= 65536 else max(3, args.reps // 2)
+                    makers = [("lsp", lambda: ours_fn(kernels, family))]
+                    if "fla" not in skip:
+                        makers.append(("fla", lambda: fla_fn(family, gate)))
+                    for who_name, make in makers:
+                        try:
+                            row[who_name] = measure(make(), a, reps)
+                        except Exception as exc:
+                            row[who_name] = dict(error=repr(exc)[:300])
+                    table.append(row)
+                    log(row_line(row))
+                    del a
+                    torch.cuda.empty_cache()
+            if time.time() > end - 25:
+                log("timing: time budget reached")
+                break
+            a = bench_inputs("linear_attention", "none", T)
+            try:
+                r = measure(sdpa_fn(), a, 3 if T > 32768 else 5)
+            except Exception as exc:
+                r = dict(error=repr(exc)[:300])
+            table.append(dict(T=T, op="SDPA flash (causal)", sdpa=r))
+            log(row_line(table[-1]))
+            del a
+            torch.cuda.empty_cache()
+            save()
+
+        log(f"\n== summary: {info['device']}, commit {args.commit}, triton {info['triton']}, "
+            f"fla {info.get('fla')} ==")
+        log(f"{'T':>7} {'op':24s} {'lsp ms':>9} {'fla ms':>9} {'lsp/fla':>7} {'lsp GiB':>8} "
+            f"{'fla GiB':>8}")
+        for row in table:
+            log(row_line(row, short=True))
+    if result.get("correctness"):
+        res = result["correctness"]
+        log(f"correctness: {sum(r['ok'] for r in res)}/{len(res)} passed")
+    result["elapsed_s"] = time.time() - t_start
+    save()
+
+
+def row_line(row, short=False):
+    nan = float("nan")
+    if "sdpa" in row:
+        r = row["sdpa"]
+        return (f"{row['T']:7d} {row['op']:24s} {r.get('ms', nan):9.3f} {'':9s} {'':7s} "
+                f"{r.get('peak_gib', nan):8.2f}" + (f" err {r['error']}" if "error" in r else ""))
+    lm, fm = row.get("lsp", {}), row.get("fla", {})
+    lms, fms = lm.get("ms", nan), fm.get("ms", nan)
+    line = (f"{row['T']:7d} {row['op']:24s} {lms:9.3f} {fms:9.3f} {lms / fms:7.2f} "
+            f"{lm.get('peak_gib', nan):8.2f} {fm.get('peak_gib', nan):8.2f}")
+    if not short:
+        line += "".join(f" {w}-err {r['error']}" for w, r in (("lsp", lm), ("fla", fm))
+                        if "error" in r)
+    return line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -331,6 +331,8 @@ def main():
     ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
     ap.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
+    ap.add_argument("--phase-a", type=float, default=None,
+                    help="seconds for the parallel phase (default: half the budget)")
     args = ap.parse_args()
     t_start = time.time()
     end = t_start + args.budget
@@ -376,7 +378,7 @@ def main():
         ctx = mp.get_context("spawn")
         pool = ctx.Pool(args.workers, initializer=bk._worker_init)
         results_iter = pool.imap_unordered(bk.pool_task, tasks, chunksize=1)
-        deadline = t_start + 0.5 * args.budget
+        deadline = t_start + (args.phase_a if args.phase_a else 0.5 * args.budget)
         recs = []
         while len(recs) < len(tasks):
             try:
@@ -403,7 +405,7 @@ def main():
         save()
 
     # B. segment sweep (Gated DeltaNet, T=64K)
-    if "sweep" not in skip and time.time() < end - 150:
+    if "sweep" not in skip and time.time() < end - 40:
         log("\n== segment sweep: Gated DeltaNet fwd+bwd, B=1 H=16 K=V=128 T=65536 bf16 ==")
         a = bench_inputs("delta_rule", "scalar", 65536)
         sweep = {}
@@ -422,7 +424,7 @@ def main():
         save()
 
     # C. per-kernel profile of one fwd+bwd (Gated DeltaNet, T=64K), lsp and fla
-    if "profile" not in skip and time.time() < end - 120:
+    if "profile" not in skip and time.time() < end - 35:
         from torch.profiler import ProfilerActivity, profile
         a = bench_inputs("delta_rule", "scalar", 65536)
         prof_out = {}
@@ -462,7 +464,7 @@ def main():
         for T in [int(x) for x in args.seqlens.split(",")]:
             for family in FAMILIES:
                 for gate in GATES:
-                    if time.time() > end - 25:
+                    if time.time() > end - 8:
                         break
                     row = dict(T=T, op=NAMES[(family, gate)])
                     a = bench_inputs(family, gate, T)
@@ -479,7 +481,7 @@ def main():
                     log(row_line(row))
                     del a
                     torch.cuda.empty_cache()
-            if time.time() > end - 25:
+            if time.time() > end - 8:
                 log("timing: time budget reached")
                 break
             a = bench_inputs("linear_attention", "none", T)

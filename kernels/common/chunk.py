@@ -22,7 +22,7 @@ from ..delta_net.intra import intra_fwd_kernel, wy_bwd_kernel
 from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
-from .state import scan_kernel, state_bwd_kernel, state_fwd_kernel
+from .state import state_bwd_kernel, state_fwd_kernel
 from .utils import (
     SUB_CHUNK,
     choose_segments,
@@ -98,13 +98,29 @@ def _state_fwd(cfg, mode, q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_de
 
 
 def _scan(cfg, M, Y, X0, dec, reverse: bool):
-    X = torch.empty(cfg.B, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32, device=Y.device)
-    BVs = min(next_pow2(cfg.V), 32)
-    launch(scan_kernel, (triton.cdiv(cfg.V, BVs), cfg.B * cfg.H),
-        M if M is not None else Y, Y, X0 if X0 is not None else Y, X,
-        dec if dec is not None else Y, cfg.P, H=cfg.H, K=cfg.K, V=cfg.V, BK=cfg.BK, BV=BVs,
-        BKS=min(cfg.BK, 64), KIND=cfg.scan_kind, TRANS=reverse, REVERSE=reverse,
-        HAS_X0=X0 is not None, num_warps=4)
+    """Affine scan over the ``P`` segments of every (batch, head), float32, in torch.
+
+    ``x_0 = X0`` (or 0), ``x_{i+1} = M_p x_i + Y_p`` with ``p = i`` (forward) or ``p = P-1-i``
+    and ``M_p^T`` (reverse); ``x_i`` lands in ``X[:, :, p]``. ``M`` is the full ``[K, K]``
+    transition (delta rule), ``exp(dec)`` its diagonal (decayed linear attention) or identity.
+    ``P - 1`` batched products: the scan is tiny next to the passes around it.
+    """
+    B, H, P, K, V = cfg.B, cfg.H, cfg.P, cfg.K, cfg.V
+    X = torch.empty(B, H, P, K, V, dtype=torch.float32, device=Y.device)
+    x = X0 if X0 is not None else torch.zeros(B, H, K, V, dtype=torch.float32, device=Y.device)
+    order = list(range(P))[::-1] if reverse else list(range(P))
+    for i, p in enumerate(order):
+        X[:, :, p] = x
+        if i == P - 1:
+            break
+        if cfg.scan_kind == 2:
+            m = M[:, :, p].transpose(-1, -2) if reverse else M[:, :, p]
+            x = torch.baddbmm(Y[:, :, p].reshape(B * H, K, V), m.reshape(B * H, K, K),
+                              x.reshape(B * H, K, V)).view(B, H, K, V)
+        elif cfg.scan_kind == 1:
+            x = torch.addcmul(Y[:, :, p], dec[:, :, p].exp().unsqueeze(-1), x)
+        else:
+            x = x + Y[:, :, p]
     return X
 
 

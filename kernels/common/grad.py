@@ -52,6 +52,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
     b_dw = tl.zeros([BT, BK], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dAT = tl.zeros([BT, BT], dtype=tl.float32)
     b_hdh = tl.zeros([BK], dtype=tl.float32)
     for iv in range(tl.cdiv(V, BV)):
         o_c = iv * BV + tl.arange(0, BV)
@@ -65,6 +66,10 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
         b_dqg = tl.dot(b_do, tl.trans(b_h), b_dqg, input_precision=IP)
         b_dkd = tl.dot(b_r, tl.trans(b_dh), b_dkd, input_precision=IP)
         b_dA = tl.dot(b_do, tl.trans(b_r), b_dA, input_precision=IP)
+        if GATE != 2:
+            # dA^T as its own product: on Hopper, Triton 3.4-3.7.0 miscompiles a dot whose
+            # operand is the transpose of another dot's result (fla #640 / #826)
+            b_dAT = tl.dot(b_r, tl.trans(b_do), b_dAT, input_precision=IP)
         if GATE != 0:
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
         if DELTA:
@@ -72,6 +77,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
             b_dw = tl.dot(b_dr, tl.trans(b_h), b_dw, input_precision=IP)
     b_dqg = b_dqg * scale
     m_A = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+    m_AT = (o_i[None, :] >= o_i[:, None]) & m_t[None, :]
     b_dA = tl.where(m_A, b_dA, 0.0)
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
@@ -95,18 +101,20 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
             b_g = tl.load(G + row, mask=m_t, other=0.0)
             b_gl = tl.load(G + row_l)
             b_D = tl.where(m_A, tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
+            b_DT = tl.where(m_AT, tl.exp(b_g[None, :] - b_g[:, None]), 0.0)
             b_eg = tl.where(m_t, tl.exp(b_g), 0.0)
             b_ed = tl.where(m_t, tl.exp(b_gl - b_g), 0.0)
             b_dq = b_dqg * b_eg[:, None]
             b_dk = b_dkd * b_ed[:, None]
         else:
             b_D = tl.where(m_A, 1.0, 0.0)
+            b_DT = tl.where(m_AT, 1.0, 0.0)
             b_dq = b_dqg
             b_dk = b_dkd
         b_A = b_A * b_D
         b_dAm = b_dA * b_D
         b_dq += tl.dot(b_dAm, b_kf, input_precision=IP) * scale
-        b_dk += tl.dot(tl.trans(b_dAm), b_qf, input_precision=IP) * scale
+        b_dk += tl.dot(b_dAT * b_DT, b_qf, input_precision=IP) * scale
         if GATE == 1:
             b_kdd = tl.sum(b_dkd * b_kf, axis=1) * b_ed
             b_AdA = b_A * b_dA

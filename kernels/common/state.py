@@ -18,7 +18,8 @@ Each segment's state map is affine, ``S_end = A_p S_start + B_p``, so:
    independently, so column ``c`` of ``A_p`` is the state of a column started at ``e_c`` with
    ``U = 0``). For decayed linear attention ``A_p`` is the diagonal ``exp(sum g)``, accumulated
    on the fly. Plain linear attention has ``A_p = I``.
-2. ``scan_kernel`` folds the pairs: ``S_start[p+1] = A_p S_start[p] + B_p`` (``K x K`` products).
+2. ``chunk._scan`` folds the pairs: ``S_start[p+1] = A_p S_start[p] + B_p`` (``K x K`` products,
+   batched over batch and heads; a handful of small matmuls).
 3. ``MODE=1`` reruns every segment from its true start and writes the outputs (no per-chunk states
    reach memory in the forward); ``MODE=2`` (backward recompute) writes the per-chunk states
    ``h`` and residuals ``R`` instead.
@@ -48,6 +49,24 @@ def _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: tl
         else:
             b_A = tl.where(m_A, b_A, 0.0) * scale
     return b_A
+
+
+@triton.jit
+def _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: tl.constexpr,
+              IP: tl.constexpr):
+    """``A^T`` [BT, BT] as its own product (not ``tl.trans`` of a dot result: Triton 3.4-3.7.0
+    miscompiles such operands on Hopper, fla #640 / #826)."""
+    if GATE == 2:
+        b_AT = tl.trans(tl.load(Aqk + row[:, None] * BT + o_i[None, :], mask=m_t[:, None],
+                                other=0.0))
+    else:
+        b_AT = tl.dot(b_k, tl.trans(b_q), input_precision=IP)
+        m_AT = (o_i[None, :] >= o_i[:, None]) & m_t[None, :]
+        if GATE == 1:
+            b_AT = b_AT * tl.where(m_AT, tl.exp(b_g[None, :] - b_g[:, None]), 0.0) * scale
+        else:
+            b_AT = tl.where(m_AT, b_AT, 0.0) * scale
+    return b_AT
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
@@ -209,8 +228,8 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start,
         if GATE == 2:
             b_g2 = tl.load(G + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
             b_gl2 = tl.load(G + row_l * K + o_k, mask=m_k, other=0.0)
-        b_A = _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP)
-        b_dr = tl.dot(tl.trans(b_A.to(dt)), b_do, input_precision=IP)
+        b_AT = _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP)
+        b_dr = tl.dot(b_AT.to(dt), b_do, input_precision=IP)
         if GATE == 0:
             b_kd = b_k
             b_qg = b_q
@@ -233,81 +252,3 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start,
             dS -= tl.dot(tl.trans(b_w), b_dr.to(dt), input_precision=IP)
 
     tl.store(ds_start + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], dS, mask=m_kc)
-
-
-@triton.jit(do_not_specialize=["P"])
-def scan_kernel(M, Y, X0, X, dec, P,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, BKS: tl.constexpr, KIND: tl.constexpr, TRANS: tl.constexpr,
-                REVERSE: tl.constexpr, HAS_X0: tl.constexpr):
-    """Affine scan over the ``P`` segments of each (batch, head), grid ``(cdiv(V, BV), B*H)``.
-
-    ``x_0 = X0`` (or 0); ``x_{i+1} = M_p x_i + Y_p`` with ``p = i`` (or ``P-1-i`` if REVERSE, and
-    ``M_p^T`` if TRANS); ``x_i`` is written to ``X[p]`` (``[B,H,P,K,V]``). KIND 0: ``M = I``;
-    KIND 1: ``M = diag(exp(dec_p))`` (``dec`` ``[B,H,P,K]``); KIND 2: full ``M`` ``[B,H,P,K,K]``.
-    Exact float32 arithmetic (``ieee`` dots).
-    """
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    o_c = i_v * BV + tl.arange(0, BV)
-    m_c = o_c < V
-    if KIND != 2:
-        o_k = tl.arange(0, BK)
-        m_k = o_k < K
-        m_kc = m_k[:, None] & m_c[None, :]
-        x = tl.zeros([BK, BV], dtype=tl.float32)
-        if HAS_X0:
-            x += tl.load(X0 + (i_bh * K + o_k[:, None]) * V + o_c[None, :], mask=m_kc, other=0.0)
-        for i in range(P - 1):
-            p = i
-            if REVERSE:
-                p = P - 1 - i
-            base = (i_bh * P + p) * K
-            tl.store(X + (base + o_k[:, None]) * V + o_c[None, :], x, mask=m_kc)
-            if KIND == 1:
-                x = x * tl.exp(tl.load(dec + base + o_k, mask=m_k, other=0.0))[:, None]
-            x += tl.load(Y + (base + o_k[:, None]) * V + o_c[None, :], mask=m_kc, other=0.0)
-        p = P - 1
-        if REVERSE:
-            p = 0
-        tl.store(X + ((i_bh * P + p) * K + o_k[:, None]) * V + o_c[None, :], x, mask=m_kc)
-    else:
-        o_s = tl.arange(0, BKS)
-        p = 0
-        if REVERSE:
-            p = P - 1
-        for rb in tl.static_range(BK // BKS):
-            o_r = rb * BKS + o_s
-            m_rc = (o_r < K)[:, None] & m_c[None, :]
-            x = tl.zeros([BKS, BV], dtype=tl.float32)
-            if HAS_X0:
-                x += tl.load(X0 + (i_bh * K + o_r[:, None]) * V + o_c[None, :], mask=m_rc,
-                             other=0.0)
-            tl.store(X + ((i_bh * P + p) * K + o_r[:, None]) * V + o_c[None, :], x, mask=m_rc)
-        for i in range(P - 1):
-            p = i
-            pn = i + 1
-            if REVERSE:
-                p = P - 1 - i
-                pn = P - 2 - i
-            tl.debug_barrier()
-            base = (i_bh * P + p) * K
-            for rb in tl.static_range(BK // BKS):
-                o_r = rb * BKS + o_s
-                m_r = o_r < K
-                acc = tl.load(Y + (base + o_r[:, None]) * V + o_c[None, :],
-                              mask=m_r[:, None] & m_c[None, :], other=0.0)
-                for kb in tl.static_range(BK // BKS):
-                    o_q = kb * BKS + o_s
-                    m_q = o_q < K
-                    if TRANS:
-                        b_m = tl.load(M + (base + o_q[None, :]) * K + o_r[:, None],
-                                      mask=m_r[:, None] & m_q[None, :], other=0.0)
-                    else:
-                        b_m = tl.load(M + (base + o_r[:, None]) * K + o_q[None, :],
-                                      mask=m_r[:, None] & m_q[None, :], other=0.0)
-                    b_x = tl.load(X + (base + o_q[:, None]) * V + o_c[None, :],
-                                  mask=m_q[:, None] & m_c[None, :], other=0.0)
-                    acc = tl.dot(b_m, b_x, acc, input_precision="ieee")
-                tl.store(X + ((i_bh * P + pn) * K + o_r[:, None]) * V + o_c[None, :], acc,
-                         mask=m_r[:, None] & m_c[None, :])

@@ -59,8 +59,12 @@ def state_block_v(BK: int, V: int) -> int:
 
 
 def num_warps_for(BK: int) -> int:
-    """Warps for the kernels that hold ``[BT, BK]`` / ``[BK, BV]`` float32 tiles."""
-    return 4 if BK <= 64 else 8
+    """Warps for the kernels that hold ``[BT, BK]`` / ``[BK, BV]`` float32 tiles.
+
+    8 from ``BK = 64`` up: on Hopper, Triton miscompiles some 64-wide delta-rule backward blocks
+    at 4 warps (fla #988); the device check covers the block sizes used here.
+    """
+    return 4 if BK <= 32 else 8
 
 
 _STAGES: dict = {}

@@ -293,6 +293,9 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
 
     b_dxw = tl.dot(tl.trans(b_TA), b_dw, input_precision=IP)
     b_dL = -tl.dot(b_dxw, tl.trans(b_w), input_precision=IP)
+    # dL^T as its own products (no transposed dot result as a dot operand: Triton 3.4-3.7.0
+    # miscompiles those on Hopper, fla #640 / #826)
+    b_dLT = -tl.dot(b_w, tl.dot(tl.trans(b_dw), b_TA, input_precision=IP), input_precision=IP)
     b_dk = b_dxw * b_b[:, None]
     if GATE == 1:
         b_dk = b_dk * b_eg[:, None]
@@ -309,18 +312,23 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
         b_u = tl.load(u + p_tc, mask=m_tc, other=0.0).to(tl.float32)
         b_dxu = tl.dot(tl.trans(b_TA), b_du, input_precision=IP)
         b_dL -= tl.dot(b_dxu, tl.trans(b_u), input_precision=IP)
+        b_dLT -= tl.dot(b_u, tl.dot(tl.trans(b_du), b_TA, input_precision=IP), input_precision=IP)
         tl.store(dv + p_tc, (b_dxu * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tc)
         b_db += tl.sum(b_dxu * b_v, axis=1)
     m_L = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
+    m_LT = (o_i[None, :] > o_i[:, None]) & m_t[None, :]
     b_dL = tl.where(m_L, b_dL, 0.0)
+    b_dLT = tl.where(m_LT, b_dLT, 0.0)
     if GATE == 2:
         b_P = tl.load(Pm + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
     else:
         b_P = tl.dot(b_k, tl.trans(b_k), input_precision=IP)
         if GATE == 1:
             b_D = tl.where(m_L, tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
+            b_DT = tl.where(m_LT, tl.exp(b_g[None, :] - b_g[:, None]), 0.0)
         else:
             b_D = tl.where(m_L, 1.0, 0.0)
+            b_DT = tl.where(m_LT, 1.0, 0.0)
         b_P = b_P * b_D
     b_PdL = b_P * b_dL
     b_db += tl.sum(b_PdL, axis=1)
@@ -328,9 +336,8 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
     if GATE == 2:
         tl.store(dP + row[:, None] * BT + o_i[None, :], b_dP, mask=m_t[:, None])
     else:
-        b_dPm = b_dP * b_D
-        b_dk += tl.dot(b_dPm, b_k, input_precision=IP)
-        b_dk += tl.dot(tl.trans(b_dPm), b_k, input_precision=IP)
+        b_dk += tl.dot(b_dP * b_D, b_k, input_precision=IP)
+        b_dk += tl.dot(b_dLT * b_b[None, :] * b_DT, b_k, input_precision=IP)
     b_dk += tl.load(dk_in + p_tk, mask=m_tk, other=0.0)
     tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + row, b_db.to(dbeta.dtype.element_ty), mask=m_t)

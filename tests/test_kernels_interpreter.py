@@ -158,6 +158,18 @@ def test_extreme_gates(family, gate, value):
     check(family, args, 2e-5 if value == 0 else 1e-3, chunk_size=32, num_segments=1)
 
 
+@pytest.mark.parametrize("gate", GATES)
+def test_delta_backward_in_key_blocks(gate, monkeypatch):
+    """The key-blocked WY backward (used for K > 128 on the GPU), forced here at K = 24 in blocks
+    of 16 (two blocks, the second ragged)."""
+    from lsp.kernels.common import chunk as kchunk
+
+    monkeypatch.setattr(kchunk, "WY_SINGLE_TILE_MAX_K", 16)
+    monkeypatch.setattr(kchunk, "WY_BLOCK_K", 16)
+    args = make_inputs("delta_rule", gate, B=1, T=40, H=2, K=24, V=16, dtype=torch.float32, seed=12)
+    check("delta_rule", args, TOL[torch.float32], chunk_size=16, num_segments=2)
+
+
 def test_state_augmentation_for_sequence_parallelism():
     """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
     in one call; the A block matches the delta rule's transition, here through linearity."""

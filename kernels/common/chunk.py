@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..delta_net.intra import intra_fwd_kernel, wy_bwd_kernel
+from ..delta_net.intra import intra_fwd_kernel, wy_bwd_blocked_kernel, wy_bwd_kernel
 from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
@@ -32,6 +32,12 @@ from .utils import (
     num_warps_for,
     state_block_v,
 )
+
+
+# The delta rule's WY backward keeps float32 [BT, K] tiles; above this K they do not fit in an
+# H100's shared memory (seen: 288 KiB asked for K = 256), so the key dim goes in blocks.
+WY_SINGLE_TILE_MAX_K = 128
+WY_BLOCK_K = 64
 
 
 class _Cfg:
@@ -237,11 +243,16 @@ class ChunkFunction(torch.autograd.Function):
             dbeta = torch.empty_like(beta)
             dk_out = dk if vec else torch.empty_like(k)
             dP = torch.empty(B, T, H, BT, **f32) if vec else dk
-            launch(wy_bwd_kernel, (NT, B * H),
-                k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w, u,
-                dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk, dP, T, NT,
-                H=H, K=K, V=V, BT=BT, BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP,
-                num_warps=cfg.warps)
+            wy_args = (k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w,
+                       u, dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk,
+                       dP, T, NT)
+            if cfg.BK <= WY_SINGLE_TILE_MAX_K:
+                launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT, BK=cfg.BK,
+                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, num_warps=cfg.warps)
+            else:
+                launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
+                       BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate, IP=cfg.IP,
+                       num_warps=8)
             dk = dk_out
             if vec:
                 pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG)

@@ -353,3 +353,121 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
     if GATE == 2:
         b_dG = b_xk * b_b[:, None] + tl.load(dG + p_tk, mask=m_tk, other=0.0)
         tl.store(dG + p_tk, b_dG, mask=m_tk)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG, dGl, dg,
+                          dP, T, NT,
+                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                          BKW: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+                          IP: tl.constexpr):
+    """``wy_bwd_kernel`` with the key dimension in blocks of ``BKW`` (used for K > 128: the
+    single-tile kernel's float32 ``[BT, K]`` operands need more shared memory than an H100 has).
+    Same outputs; ``dX_w`` is recomputed per block in a second pass instead of being kept."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_i = tl.arange(0, BT)
+    o_t = (i_t * BT + o_i).to(tl.int64)
+    m_t = o_t < T
+    row = (i_b * T + o_t) * H + i_h
+
+    b_b = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
+    b_TA = tl.load(TA + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_eg = tl.zeros([BT], dtype=tl.float32)
+    if GATE == 1:
+        b_g = tl.load(G + row, mask=m_t, other=0.0)
+        b_eg = tl.where(m_t, tl.exp(b_g), 0.0)
+    b_dL = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dLT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_P = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    b_dGr = tl.zeros([BT], dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BKW)):
+        o_k = kb * BKW + tl.arange(0, BKW)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = row[:, None] * K + o_k[None, :]
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
+        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        if GATE == 0:
+            b_kg = b_k
+        elif GATE == 1:
+            b_kg = b_k * b_eg[:, None]
+        else:
+            b_kg = b_k * tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0.0)), 0.0)
+        b_dxw = tl.dot(tl.trans(b_TA), b_dw, input_precision=IP)
+        b_dL -= tl.dot(b_dxw, tl.trans(b_w), input_precision=IP)
+        b_dLT -= tl.dot(b_w, tl.dot(tl.trans(b_dw), b_TA, input_precision=IP), input_precision=IP)
+        b_xk = b_dxw * b_kg
+        b_db += tl.sum(b_xk, axis=1)
+        if GATE == 1:
+            b_dGr += tl.sum(b_xk, axis=1) * b_b
+        if GATE == 2:
+            tl.store(dG + p_tk, tl.load(dG + p_tk, mask=m_tk, other=0.0) + b_xk * b_b[:, None],
+                     mask=m_tk)
+        else:
+            b_P = tl.dot(b_k, tl.trans(b_k), b_P, input_precision=IP)
+    for iv in range(tl.cdiv(V, BV)):
+        o_c = iv * BV + tl.arange(0, BV)
+        m_tc = m_t[:, None] & (o_c < V)[None, :]
+        p_tc = row[:, None] * V + o_c[None, :]
+        b_du = tl.load(dr + p_tc, mask=m_tc, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_tc, mask=m_tc, other=0.0).to(tl.float32)
+        b_u = tl.load(u + p_tc, mask=m_tc, other=0.0).to(tl.float32)
+        b_dxu = tl.dot(tl.trans(b_TA), b_du, input_precision=IP)
+        b_dL -= tl.dot(b_dxu, tl.trans(b_u), input_precision=IP)
+        b_dLT -= tl.dot(b_u, tl.dot(tl.trans(b_du), b_TA, input_precision=IP), input_precision=IP)
+        tl.store(dv + p_tc, (b_dxu * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tc)
+        b_db += tl.sum(b_dxu * b_v, axis=1)
+    m_L = (o_i[:, None] > o_i[None, :]) & m_t[:, None]
+    m_LT = (o_i[None, :] > o_i[:, None]) & m_t[None, :]
+    b_dL = tl.where(m_L, b_dL, 0.0)
+    b_dLT = tl.where(m_LT, b_dLT, 0.0)
+    if GATE == 2:
+        b_P = tl.load(Pm + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+        b_D = tl.where(m_L, 1.0, 0.0)
+        b_DT = tl.where(m_LT, 1.0, 0.0)
+    elif GATE == 1:
+        b_D = tl.where(m_L, tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
+        b_DT = tl.where(m_LT, tl.exp(b_g[None, :] - b_g[:, None]), 0.0)
+        b_P = b_P * b_D
+    else:
+        b_D = tl.where(m_L, 1.0, 0.0)
+        b_DT = tl.where(m_LT, 1.0, 0.0)
+        b_P = b_P * b_D
+    b_PdL = b_P * b_dL
+    b_db += tl.sum(b_PdL, axis=1)
+    b_dP = b_dL * b_b[:, None]
+    if GATE == 2:
+        tl.store(dP + row[:, None] * BT + o_i[None, :], b_dP, mask=m_t[:, None])
+    tl.store(dbeta + row, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    if GATE == 1:
+        b_PdP = b_PdL * b_b[:, None]
+        b_dG = (b_dGr + tl.sum(b_PdP, axis=1) - tl.sum(b_PdP, axis=0)
+                + tl.load(dG + row, mask=m_t, other=0.0))
+        b_dG = tl.where(m_t, b_dG, 0.0)
+        b_dg = (tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
+                + tl.load(dGl + (i_b * NT + i_t) * H + i_h))
+        tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
+
+    # second pass over the key blocks: dk = b Gamma dX_w + (pairwise part) + dk_in
+    b_dPm = b_dP * b_D
+    b_dPmT = b_dLT * b_b[None, :] * b_DT
+    for kb in range(tl.cdiv(K, BKW)):
+        o_k = kb * BKW + tl.arange(0, BKW)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = row[:, None] * K + o_k[None, :]
+        b_dw = tl.load(dw + p_tk, mask=m_tk, other=0.0)
+        b_dk = tl.dot(tl.trans(b_TA), b_dw, input_precision=IP) * b_b[:, None]
+        if GATE == 1:
+            b_dk = b_dk * b_eg[:, None]
+        if GATE == 2:
+            b_dk = b_dk * tl.where(m_tk, tl.exp(tl.load(G + p_tk, mask=m_tk, other=0.0)), 0.0)
+        else:
+            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+            b_dk += tl.dot(b_dPm, b_k, input_precision=IP)
+            b_dk += tl.dot(b_dPmT, b_k, input_precision=IP)
+        b_dk += tl.load(dk_in + p_tk, mask=m_tk, other=0.0)
+        tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m_tk)

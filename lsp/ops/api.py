@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lsp.ops.common.validate import check_inputs
@@ -12,8 +13,8 @@ from lsp.ops.linear_attn.chunk import chunk_linear_attention
 def resolve_backend(op: str, backend: str, q: Tensor) -> str:
     """``"torch"`` or ``"triton"`` for this call; raises when ``"triton"`` cannot run.
 
-    ``"auto"`` picks Triton for CUDA tensors when ``lsp.kernels`` can run there, and the torch
-    path otherwise (CPU tensors, or a version without kernels). An explicit ``"triton"`` never
+    ``"auto"`` picks Triton for CUDA tensors of fp16 / bf16 / fp32 when ``lsp.kernels`` can run
+    there, and the torch path otherwise (CPU tensors, float64, or no usable Triton). An explicit ``"triton"`` never
     falls back: it raises with the reason.
     """
     from lsp import kernels
@@ -22,7 +23,9 @@ def resolve_backend(op: str, backend: str, q: Tensor) -> str:
         return "torch"
     reason = kernels.unavailable_reason()
     if backend == "auto":
-        return "triton" if (q.is_cuda and reason is None) else "torch"
+        # the kernels take fp16 / bf16 / fp32; float64 (reference runs) stays on the torch path
+        usable = q.is_cuda and reason is None and q.dtype != torch.float64
+        return "triton" if usable else "torch"
     if reason is not None:
         raise ValueError(f"{op}: backend='triton' cannot run: {reason}")
     if not q.is_cuda:

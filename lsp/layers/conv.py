@@ -1,0 +1,54 @@
+"""Short causal depthwise convolution over the sequence, with a halo from the previous CP rank."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lsp.layers.context import ParallelContext, head_parameter
+
+__all__ = ["ShortConvolution"]
+
+
+class ShortConvolution(nn.Module):
+    """``y_t = act(sum_{i<w} W[:, i] * x_{t-w+1+i})`` per channel (fla's ``ShortConvolution``).
+
+    Channels are head-major (``(h d)``), so they split over TP with their heads. Under CP the
+    first ``w - 1`` outputs of a shard read the previous rank's last ``w - 1`` inputs through
+    :func:`lsp.parallel.halo.halo_exchange` (zeros before the sequence start, as at CP 1).
+
+    Args:
+        channels: total channels over all TP ranks; kernel_size: ``w``;
+        activation: ``"silu"`` or ``None``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, ctx: ParallelContext | None = None,
+                 activation: str | None = "silu"):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"conv kernel_size={kernel_size}: use a width >= 1")
+        if activation not in ("silu", None):
+            raise ValueError(f"activation={activation!r}: use 'silu' or None")
+        self.ctx = ctx or ParallelContext()
+        self.kernel_size, self.activation = kernel_size, activation
+        bound = 1.0 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
+        self.weight = head_parameter(
+            (channels, 1, kernel_size), self.ctx,
+            lambda shape, gen: (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound,
+        )
+
+    def forward(self, x: Tensor, copies: int = 1) -> Tensor:
+        """``x``: ``[B, T, copies * C]`` (this rank's channels, ``copies`` stacked sets sharing the
+        kernel); returns the same shape."""
+        from lsp.parallel.halo import halo_exchange
+
+        w = self.kernel_size - 1
+        halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
+        xp = torch.cat([halo, x], dim=1).transpose(1, 2)  # [B, C, T + w - 1]
+        weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
+        y = F.conv1d(xp, weight.to(x.dtype), groups=weight.shape[0]).transpose(1, 2)
+        return F.silu(y) if self.activation == "silu" else y

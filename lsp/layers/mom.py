@@ -1,0 +1,177 @@
+"""Mixture-of-Memories (MoM, Du et al. 2025; fla's ``MomAttention``) on the gated delta rule.
+
+A router sends each token to its top-k of ``M`` memories; each memory has its own key, value,
+write-strength and decay projections and its own ``[d_k, d_v]`` state per head, and is updated
+only by the tokens routed to it. An optional shared memory sees every token. The output mixes
+the routed memories' outputs with the renormalised top-k router weights, plus the shared one:
+
+    o_t = sum_{m in topk(t)} w_{t,m} o^m_t  (+ o^shared_t),   then gated norm and W_o.
+
+Dense form: memory ``m`` runs over *all* tokens with ``beta = 0`` and ``log a = 0`` where the
+token is not routed to it, which leaves its state unchanged there, so it equals running the
+memory on its routed tokens only (fla compacts tokens per memory instead; the short convolution
+here runs over the sequence in token order before routing). Every memory has the same length,
+so the ``M (+1)`` memories are stacked along the head axis and cross CP ranks in one packed
+``sequence_parallel`` exchange (``M + 1`` state pairs per head).
+
+The router runs on this rank's own tokens before the TP gather (its weight is whole on every
+TP rank; its gradient is summed over TP), and adds a per-sequence load-balancing loss
+``coeff * M * sum_m f_m P_m`` (Switch-style, averaged over sequences) whose token counts are
+summed over the TP x CP ranks that hold the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lsp import ops
+from lsp.layers.common import l2norm, merge_heads, split_heads, wide
+from lsp.layers.context import (
+    ColumnLinear,
+    ParallelContext,
+    RowLinear,
+    default_out_init,
+    head_parameter,
+    local_heads,
+    normal_init,
+    replicated_parameter,
+    sequence_op,
+)
+from lsp.layers.conv import ShortConvolution
+from lsp.layers.delta_net import a_log_init, dt_bias_init
+from lsp.layers.norm import HeadRMSNorm
+
+__all__ = ["MixtureOfMemories"]
+
+
+class MixtureOfMemories(nn.Module):
+    """MoM over Gated DeltaNet memories.
+
+    Args:
+        hidden_size, num_heads, head_dim, expand_v: widths as in Gated DeltaNet.
+        num_memories: ``M``; topk: memories per token; shared_memory: add a memory that every
+            token updates; aux_loss_coeff: load-balancing loss weight (0 disables it).
+        use_short_conv, conv_size, use_output_gate, norm_eps, ctx, init_std, num_layers: as in
+            Gated DeltaNet (q projection, convolutions, ``A_log``/``dt_bias``, norm and output
+            are shared by the memories, as in fla).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        num_memories: int = 4,
+        topk: int = 2,
+        shared_memory: bool = True,
+        aux_loss_coeff: float = 0.01,
+        expand_v: float = 1.0,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_output_gate: bool = True,
+        norm_eps: float = 1e-5,
+        ctx: ParallelContext | None = None,
+        init_std: float = 0.02,
+        num_layers: int = 1,
+    ):
+        super().__init__()
+        if not 1 <= topk <= num_memories:
+            raise ValueError(f"MoM topk={topk} must lie in [1, num_memories={num_memories}]")
+        self.ctx = ctx = ctx or ParallelContext()
+        H, D = num_heads, hidden_size
+        self.h = local_heads(H, ctx.tp_size)
+        self.dk, self.dv = head_dim, int(head_dim * expand_v)
+        self.M, self.topk, self.shared = num_memories, topk, shared_memory
+        self.aux_loss_coeff = aux_loss_coeff
+        self.use_short_conv, self.use_output_gate = use_short_conv, use_output_gate
+        init = normal_init(init_std)
+        self.router = replicated_parameter((num_memories, D), ctx, init)
+        self.q_proj = ColumnLinear(D, H * self.dk, ctx, init=init)
+        n = num_memories + int(shared_memory)  # the shared memory is the last one
+        self.k_proj = nn.ModuleList(ColumnLinear(D, H * self.dk, ctx, init=init) for _ in range(n))
+        self.v_proj = nn.ModuleList(ColumnLinear(D, H * self.dv, ctx, init=init) for _ in range(n))
+        self.b_proj = nn.ModuleList(ColumnLinear(D, H, ctx, init=init) for _ in range(n))
+        self.a_proj = nn.ModuleList(ColumnLinear(D, H, ctx, init=init) for _ in range(n))
+        self.A_log = head_parameter((H,), ctx, a_log_init)
+        self.dt_bias = head_parameter((H,), ctx, dt_bias_init)
+        if use_short_conv:
+            self.q_conv = ShortConvolution(H * self.dk, conv_size, ctx)
+            self.k_conv = ShortConvolution(H * self.dk, conv_size, ctx)
+            self.v_conv = ShortConvolution(H * self.dv, conv_size, ctx)
+        if use_output_gate:
+            self.g_proj = ColumnLinear(D, H * self.dv, ctx, init=init)
+        self.o_norm = HeadRMSNorm(H, self.dv, ctx, eps=norm_eps, gated=use_output_gate)
+        self.o_proj = RowLinear(H * self.dv, D, ctx, init=default_out_init(init_std, num_layers))
+
+    # routing ----------------------------------------------------------------------------------
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Router on this rank's tokens ``x [T, B, D]``.
+
+        Returns ``(weights [T, B, M], mask [T, B, M], aux)``: renormalised top-k weights (zero off
+        the top-k), the 0/1 routing mask, and this rank's share of the balancing loss (``None``
+        when disabled or not training).
+        """
+        scores = torch.softmax(wide(F.linear(x, self.router.to(x.dtype))), dim=-1)
+        top_w, top_i = scores.topk(self.topk, dim=-1)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        weights = torch.zeros_like(scores).scatter(-1, top_i, top_w).to(x.dtype)
+        mask = torch.zeros_like(weights).scatter(-1, top_i, 1.0)
+        aux = None
+        if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            aux = self._balance_loss(scores, mask)
+        return weights, mask, aux
+
+    def _balance_loss(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """``coeff * mean_b M sum_m f_bm P_bm``; this rank's tokens give its share of ``P``."""
+        counts = mask.detach().sum(0)  # [B, M] tokens of each sequence per memory
+        group = self.ctx.tp_cp_group
+        parts = 1
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(counts, group=group)
+            parts = dist.get_world_size(group)
+        tokens = scores.shape[0] * parts  # tokens per sequence
+        f = counts / (tokens * self.topk)
+        P = scores.sum(0) / tokens
+        return self.aux_loss_coeff * self.M * (f * P).sum(-1).mean()
+
+    # mixing -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``."""
+        ctx, h, dk, dv = self.ctx, self.h, self.dk, self.dv
+        weights, mask, aux = self.route(x)
+        routing = ctx.enter_tp(torch.cat([weights, mask], dim=-1)).transpose(0, 1)  # [B, T, 2M]
+        weights, mask = routing[..., : self.M], routing[..., self.M:].detach()
+        xb = ctx.enter_tp(x).transpose(0, 1)  # [B, T, D]
+        B, T = xb.shape[:2]
+        n = len(self.k_proj)
+        if self.shared:
+            mask = torch.cat([mask, mask.new_ones(B, T, 1)], dim=-1)  # [B, T, n]
+
+        q = self.q_proj(xb)
+        k = torch.cat([p(xb) for p in self.k_proj], dim=-1)
+        v = torch.cat([p(xb) for p in self.v_proj], dim=-1)
+        if self.use_short_conv:
+            q, k, v = self.q_conv(q), self.k_conv(k, copies=n), self.v_conv(v, copies=n)
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = l2norm(split_heads(q, dk)).unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
+        k = l2norm(k.reshape(B, T, n * h, dk))
+        v = v.reshape(B, T, n * h, dv)
+        beta = torch.sigmoid(torch.stack([p(xb) for p in self.b_proj], dim=2))  # [B, T, n, h]
+        a = torch.stack([p(xb) for p in self.a_proj], dim=2)
+        g = -wide(self.A_log).exp() * F.softplus(wide(a) + wide(self.dt_bias))
+        beta = (beta * mask.unsqueeze(-1).to(beta.dtype)).reshape(B, T, n * h)
+        g = (g * mask.unsqueeze(-1).to(g.dtype)).reshape(B, T, n * h)
+
+        o = sequence_op(ops.delta_rule, q, k, v, beta, g, ctx=ctx)  # all memories at once
+        o = o.reshape(B, T, n, h, dv)
+        out = (o[:, :, : self.M] * weights[..., None, None].to(o.dtype)).sum(2)
+        if self.shared:
+            out = out + o[:, :, self.M]
+        gate = split_heads(self.g_proj(xb), dv) if self.use_output_gate else None
+        return self.o_proj(merge_heads(self.o_norm(out, gate))), aux

@@ -7,8 +7,9 @@ on a side ``torch.cuda.Stream`` and waits on ``torch.cuda.Event``s, and dropout/
 fork a CUDA RNG state through ``get_cuda_rng_tracker()``. On a CPU-only build of torch each of
 those raises, so without help none of megatron's parallel modules can run on gloo.
 
-``install()`` patches exactly these entry points, and only when CUDA is unavailable (on a GPU
-machine it is a no-op and megatron runs untouched):
+``install()`` patches exactly these entry points, and only for a CPU run: when CUDA is
+unavailable, or when forced for a gloo process group (CPU tensors on a GPU machine); on a GPU run
+it is a no-op and megatron runs untouched:
 
 ==============================================  ==================================================
 patched                                         CPU behaviour
@@ -39,7 +40,8 @@ GPU alike; :func:`patch_missing_te` does only that.
 
 Nothing else changes: collectives, autograd functions and the math are megatron's own. The shim
 is process-wide (megatron looks these names up at call time) and ``uninstall()`` restores the
-originals. ``lsp.parallel.topology.init_topology`` installs it on CPU.
+originals. ``lsp.parallel.topology.init_topology`` installs it for CPU runs (no CUDA, or a gloo
+default process group).
 """
 
 from __future__ import annotations
@@ -177,14 +179,16 @@ def patch_missing_te() -> None:
         moe_utils.te_general_gemm = None
 
 
-def install() -> bool:
-    """Install the shim when CUDA is unavailable; return whether it is active. Idempotent.
+def install(force: bool = False) -> bool:
+    """Install the shim for a CPU run; return whether it is active. Idempotent.
 
-    The TE fix-up (:func:`patch_missing_te`) is applied in every case.
+    A CPU run is one without CUDA, or one that ``force``s it (``init_topology`` does for a gloo
+    process group, whose tensors live on the CPU even on a GPU machine). Without it this is a
+    no-op. The TE fix-up (:func:`patch_missing_te`) is applied in every case.
     """
     global _INSTALLED
     patch_missing_te()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     if _INSTALLED:
         return True

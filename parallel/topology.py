@@ -11,9 +11,9 @@ are never split inside; they are split *over* EP and replicated over the rest), 
 sequence-sharded over the TP group between blocks (megatron's "sequence parallel"), which is
 what megatron's MoE layer expects under TP.
 
-Groups work on gloo (CPU) and NCCL (GPU): megatron creates them with the default backend. On a
-CPU-only machine :func:`init_topology` installs ``lsp.parallel.megatron_shim`` so that megatron's
-modules run on gloo. Layout errors (sizes that do not divide) raise ``ValueError`` from
+Groups work on gloo (CPU) and NCCL (GPU): megatron creates them with the default backend. For a
+CPU run (no CUDA, or a gloo default group) :func:`init_topology` installs
+``lsp.parallel.megatron_shim`` so that megatron's modules run on gloo. Layout errors (sizes that do not divide) raise ``ValueError`` from
 :func:`check_layout` before any collective.
 """
 
@@ -122,7 +122,9 @@ def init_topology(
 
     from lsp.parallel import megatron_shim
 
-    megatron_shim.install()  # no-op on GPU machines, apart from the missing-TE fix-up
+    # CPU run (no CUDA, or gloo: CPU tensors): megatron's torch.cuda calls go through the shim;
+    # on an NCCL run only the missing-TE fix-up is applied
+    megatron_shim.install(force=dist.get_backend() == "gloo")
 
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection

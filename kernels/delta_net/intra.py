@@ -200,32 +200,32 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
                 tl.store(w + row_3[:, None] * K + o_d[None, :], y3.to(w.dtype.element_ty),
                          mask=m_3[:, None] & m_d[None, :])
         else:
-            o_d = (ib - tl.cdiv(K, BKI)) * BVI + tl.arange(0, BVI)
-            m_d = o_d < V
-            x0 = _x_block(v, b_b0, G, row_0, m_0, o_d, m_d, V, K, GATE, False, dt)
-            y0 = tl.dot(a00, x0, input_precision=IP)
-            tl.store(u + row_0[:, None] * V + o_d[None, :], y0.to(u.dtype.element_ty),
-                     mask=m_0[:, None] & m_d[None, :])
+            o_e = (ib - tl.cdiv(K, BKI)) * BVI + tl.arange(0, BVI)
+            m_e = o_e < V
+            xv0 = _x_block(v, b_b0, G, row_0, m_0, o_e, m_e, V, K, GATE, False, dt)
+            yv0 = tl.dot(a00, xv0, input_precision=IP)
+            tl.store(u + row_0[:, None] * V + o_e[None, :], yv0.to(u.dtype.element_ty),
+                     mask=m_0[:, None] & m_e[None, :])
             if NC > 1:
-                x1 = _x_block(v, b_b1, G, row_1, m_1, o_d, m_d, V, K, GATE, False, dt)
-                y1 = tl.dot(a10, x0, input_precision=IP)
-                y1 = tl.dot(a11, x1, y1, input_precision=IP)
-                tl.store(u + row_1[:, None] * V + o_d[None, :], y1.to(u.dtype.element_ty),
-                         mask=m_1[:, None] & m_d[None, :])
+                xv1 = _x_block(v, b_b1, G, row_1, m_1, o_e, m_e, V, K, GATE, False, dt)
+                yv1 = tl.dot(a10, xv0, input_precision=IP)
+                yv1 = tl.dot(a11, xv1, yv1, input_precision=IP)
+                tl.store(u + row_1[:, None] * V + o_e[None, :], yv1.to(u.dtype.element_ty),
+                         mask=m_1[:, None] & m_e[None, :])
             if NC > 2:
-                x2 = _x_block(v, b_b2, G, row_2, m_2, o_d, m_d, V, K, GATE, False, dt)
-                x3 = _x_block(v, b_b3, G, row_3, m_3, o_d, m_d, V, K, GATE, False, dt)
-                y2 = tl.dot(a20, x0, input_precision=IP)
-                y2 = tl.dot(a21, x1, y2, input_precision=IP)
-                y2 = tl.dot(a22, x2, y2, input_precision=IP)
-                tl.store(u + row_2[:, None] * V + o_d[None, :], y2.to(u.dtype.element_ty),
-                         mask=m_2[:, None] & m_d[None, :])
-                y3 = tl.dot(a30, x0, input_precision=IP)
-                y3 = tl.dot(a31, x1, y3, input_precision=IP)
-                y3 = tl.dot(a32, x2, y3, input_precision=IP)
-                y3 = tl.dot(a33, x3, y3, input_precision=IP)
-                tl.store(u + row_3[:, None] * V + o_d[None, :], y3.to(u.dtype.element_ty),
-                         mask=m_3[:, None] & m_d[None, :])
+                xv2 = _x_block(v, b_b2, G, row_2, m_2, o_e, m_e, V, K, GATE, False, dt)
+                xv3 = _x_block(v, b_b3, G, row_3, m_3, o_e, m_e, V, K, GATE, False, dt)
+                yv2 = tl.dot(a20, xv0, input_precision=IP)
+                yv2 = tl.dot(a21, xv1, yv2, input_precision=IP)
+                yv2 = tl.dot(a22, xv2, yv2, input_precision=IP)
+                tl.store(u + row_2[:, None] * V + o_e[None, :], yv2.to(u.dtype.element_ty),
+                         mask=m_2[:, None] & m_e[None, :])
+                yv3 = tl.dot(a30, xv0, input_precision=IP)
+                yv3 = tl.dot(a31, xv1, yv3, input_precision=IP)
+                yv3 = tl.dot(a32, xv2, yv3, input_precision=IP)
+                yv3 = tl.dot(a33, xv3, yv3, input_precision=IP)
+                tl.store(u + row_3[:, None] * V + o_e[None, :], yv3.to(u.dtype.element_ty),
+                         mask=m_3[:, None] & m_e[None, :])
 
     if STORE_TA:
         zero = tl.zeros([BC, BC], dtype=tl.float32)

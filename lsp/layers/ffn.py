@@ -71,7 +71,10 @@ def transformer_config(
             moe_router_load_balancing_type="seq_aux_loss",
             moe_aux_loss_coeff=moe_aux_loss_coeff,
             moe_grouped_gemm=grouped_gemm,
-            moe_router_dtype="fp32",
+            # None: the router GEMM runs in its input's dtype. megatron's fp32 router Function
+            # casts only in forward, so under torch autocast (bf16 on GPU) its backward would
+            # multiply a bf16 gradient by an fp32 weight and fail.
+            moe_router_dtype=None,
         )
     return TransformerConfig(
         num_layers=1,
@@ -203,6 +206,16 @@ class MoEFFN(nn.Module):
         shared = ModuleSpec(module=SharedExpertMLP, submodules=_mlp_spec()) if shared_expert_size else None
         spec = MoESubmodules(experts=experts, shared_experts=shared, router=_router_class())
         self.moe = MoELayer(cfg, spec, layer_number=1, pg_collection=ctx.topo.pg_collection)
+        # megatron's router GEMM is a custom autograd Function that is not autocast-aware (its
+        # backward would multiply a bf16 gradient by the fp32 weight): run the router outside
+        # autocast, in the residual stream's dtype (fp32 master weights and activations).
+        router_forward = self.moe.router.forward
+
+        def _router_no_autocast(*a, **kw):
+            with torch.autocast("cuda", enabled=False):
+                return router_forward(*a, **kw)
+
+        self.moe.router.forward = _router_no_autocast
         _set_inits(self.moe, init_std, num_layers)
         n_local = num_experts // ep
         offset = ctx.topo.ep_rank * n_local

@@ -71,10 +71,7 @@ def transformer_config(
             moe_router_load_balancing_type="seq_aux_loss",
             moe_aux_loss_coeff=moe_aux_loss_coeff,
             moe_grouped_gemm=grouped_gemm,
-            # None: the router GEMM runs in its input's dtype. megatron's fp32 router Function
-            # casts only in forward, so under torch autocast (bf16 on GPU) its backward would
-            # multiply a bf16 gradient by an fp32 weight and fail.
-            moe_router_dtype=None,
+            moe_router_dtype="fp32",  # the router also runs outside autocast: see MoEFFN
         )
     return TransformerConfig(
         num_layers=1,

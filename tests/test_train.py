@@ -1,0 +1,146 @@
+"""lsp-train end to end on CPU: the demo, layout equivalence, resume, MQAR, errors, mpirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsp.launch.train import compose, main
+
+FAST = ["data.max_bytes=1000000", "train.log_interval=1", "train.resume=auto"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows]
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
+    run = tmp_path / "demo"
+    main(["experiment=cpu_demo", "train.steps=20", "train.log_interval=2", "train.eval_interval=10",
+          "train.save_interval=0", f"run_dir={run}"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 21, 2))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3, [r["loss"] for r in rows]
+    for field in ("loss", "lr", "grad_norm", "tokens_per_s", "exchange_share", "peak_mem_gb"):
+        assert all(r[field] is not None and r[field] == r[field] for r in rows), field
+    assert 0 < rows[-1]["exchange_share"] < 1  # CP=2: some time is spent exchanging states
+    assert "valid_loss" in rows[-1]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "cp: 2" in (run / "config.yaml").read_text()
+
+
+LAYOUT_ARGS = FAST + ["train.steps=5", "train.seq_len=64", "train.micro_batch=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory):
+    run = tmp_path_factory.mktemp("single")
+    main(["parallel=single", f"run_dir={run}"] + LAYOUT_ARGS)
+    return losses(run)
+
+
+@pytest.mark.parametrize("layout", ["cp2", "tp2"])
+def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
+    main([f"parallel={layout}", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
+    got = losses(tmp_path)
+    assert len(got) == 5
+    for a, b in zip(got, one_process_losses):
+        assert rel(a, b) <= 1e-5, (got, one_process_losses)
+
+
+RESUME_ARGS = FAST + ["train.steps=20", "train.seq_len=64", "train.micro_batch=2",
+                      "train.save_interval=10"]
+
+
+def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    main(["parallel=cp2", f"run_dir={full}"] + RESUME_ARGS)
+    main(["parallel=cp2", f"run_dir={part}", "train.stop_after_step=10"] + RESUME_ARGS)
+    assert len(losses(part)) == 10
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    # resume from a copy of the stopped run into a different layout (TP2) as well
+    shutil.copytree(part, tmp_path / "part_tp2")
+    main(["parallel=cp2", f"run_dir={part}"] + RESUME_ARGS)
+    a, b = losses(full), losses(part)
+    assert len(b) == 20
+    assert all(rel(x, y) <= 1e-6 for x, y in zip(b, a)), (a, b)
+    main(["parallel=tp2", f"run_dir={tmp_path / 'part_tp2'}"] + RESUME_ARGS)
+    c = losses(tmp_path / "part_tp2")
+    assert len(c) == 20 and all(rel(x, y) <= 1e-4 for x, y in zip(c, a)), (a, c)
+    # keep_last=2: after saves at 10 and 20 both remain, nothing else
+    names = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000010", "step_00000020"]
+
+
+def test_resume_into_a_different_model_raises(tmp_path):
+    main(["parallel=cp2", f"run_dir={tmp_path}", "train.stop_after_step=2",
+          "train.save_interval=2"] + LAYOUT_ARGS)
+    with pytest.raises(Exception, match="cannot resume from .*the model differs.*hidden_size"):
+        main(["parallel=single", f"run_dir={tmp_path}", "model.hidden_size=32"] + LAYOUT_ARGS)
+
+
+def test_corrupt_checkpoint_raises(tmp_path):
+    main(["parallel=single", f"run_dir={tmp_path}", "train.stop_after_step=2",
+          "train.save_interval=2"] + LAYOUT_ARGS)
+    (tmp_path / "checkpoints" / "step_00000002" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="model.pt is corrupt or not an lsp checkpoint"):
+        main(["parallel=single", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
+
+
+def _mqar_accuracy(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["accuracy"] for r in rows if "accuracy" in r][-1]
+
+
+def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path, monkeypatch):
+    """Keys on rank 0, queries on rank 1: learnt with the exchange, chance without it."""
+    main(["experiment=mqar", f"run_dir={tmp_path / 'ok'}"])
+    assert _mqar_accuracy(tmp_path / "ok") >= 0.8
+    monkeypatch.setenv("LSP_TEST_ZERO_INCOMING_STATE", "1")  # test-only ablation switch
+    main(["experiment=mqar", f"run_dir={tmp_path / 'ablated'}"])
+    assert _mqar_accuracy(tmp_path / "ablated") <= 0.3
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["parallel.tp=2", "model.num_heads=3"], r"num_heads=3 is not divisible by tp=2"),
+    (["model.num_experts=3", "parallel.ep=2"], r"num_experts=3 is not divisible by the expert-parallel size ep=2"),
+    (["train.seq_len=63"], r"sequence length 63 is not divisible by cp\*tp = 2\*1"),
+    (["model.pattern=GXS", "model.ffn_pattern=FFF"], r"unknown mixer letter 'X'"),
+    (["parallel.cp=3", "parallel.nproc=2"], r"world size 2 is not divisible by tp\*cp = 1\*3"),
+    (["data=megatron", "data.vocab_size=256"], r"data.kind=megatron needs data.path="),
+    (["data.reset_state_at_document_boundaries=true"], r"needs document boundaries \(cu_seqlens\)"),
+    (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),
+])
+def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_path):
+    with pytest.raises(Exception, match=pattern):
+        main(overrides + [f"run_dir={tmp_path}"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_unknown_config_group_option_is_named():
+    with pytest.raises(Exception, match="Could not find 'parallel/tp3'"):
+        compose(["parallel=tp3"])
+
+
+def test_mpirun_two_ranks(tmp_path):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    exe = Path(sys.executable).parent / "lsp-train"
+    assert mpiexec.exists() and exe.exists(), "install the test extra (mpich) and the project"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run([str(mpiexec), "-n", "2", str(exe), "parallel=cp2", f"run_dir={tmp_path}",
+                           "train.steps=3", "train.seq_len=64"] + FAST,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(losses(tmp_path)) == 3
+    assert "world 2" in proc.stdout

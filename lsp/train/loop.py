@@ -255,6 +255,9 @@ def train(cfg) -> dict | None:
                     p.grad.mul_(coef.to(p.grad.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        # the first step has checked on every rank that the SP calls agree (shapes, methods);
+        # shapes are static from here on, so drop that per-call collective (a host sync on NCCL)
+        ctx.sp_check = False
         steps_since += 1
         done = step + 1
         if done % tr.log_interval == 0 or done == tr.steps:

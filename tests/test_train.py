@@ -128,6 +128,14 @@ def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_p
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_plain_lsp_train_is_the_cpu_demo():
+    cfg = compose([])
+    assert cfg.name == "cpu_demo" and cfg.run_dir == "runs/cpu_demo"
+    assert cfg.parallel.cp == 2 and cfg.data.kind == "stdlib"
+    assert compose(["experiment=mqar"]).run_dir == "runs/mqar"
+    assert compose(["name=mine"]).run_dir == "runs/mine"  # the command line wins
+
+
 def test_unknown_config_group_option_is_named():
     with pytest.raises(Exception, match="Could not find 'parallel/tp3'"):
         compose(["parallel=tp3"])

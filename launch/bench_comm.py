@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -256,23 +255,11 @@ def plot(doc: dict, out: str) -> list[str]:
     return paths
 
 
-def _spawned(rank, world, store, args, result_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        records = run_benchmark(args)
-        if rank == 0:
-            with open(result_path, "w") as f:
-                json.dump(records, f)
-    finally:
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
-    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ or "PMI_RANK" in os.environ:
-        from lsp.launch.dist_env import init_from_environment
+    from lsp.launch.dist_env import init_from_environment, launched
 
+    if launched():
         init_from_environment(args.backend)
         records = run_benchmark(args)
         doc = report(records, args) if dist.get_rank() == 0 else None
@@ -281,12 +268,6 @@ def main(argv=None) -> dict | None:
     if args.backend == "nccl":
         raise ValueError("--backend nccl needs a launcher: torchrun --nproc-per-node G -m "
                          "lsp.launch.bench comm ...")
-    world = max(int(x) for x in args.ranks.split(","))
-    import torch.multiprocessing as mp
+    from lsp.launch.dist_env import spawn_gloo
 
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "records.json")
-        mp.spawn(_spawned, args=(world, os.path.join(tmp, "store"), args, result), nprocs=world)
-        with open(result) as f:
-            records = json.load(f)
-    return report(records, args)
+    return report(spawn_gloo(run_benchmark, max(int(x) for x in args.ranks.split(",")), args), args)

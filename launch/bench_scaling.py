@@ -140,23 +140,6 @@ def report(path: str, plot: bool = True) -> list[dict]:
     return rows
 
 
-def _spawned(rank, world, store, args, result):
-    import torch
-
-    from lsp.launch.train import quiet_library_warnings
-
-    quiet_library_warnings()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        recs = measure(args)
-        if rank == 0:
-            with open(result, "w") as f:
-                json.dump(recs, f)
-    finally:
-        dist.destroy_process_group()
-
-
 def main(argv=None):
     args = parse_args(argv)
     from lsp.launch.dist_env import init_from_environment, launched
@@ -171,12 +154,8 @@ def main(argv=None):
             print(f"appended {len(recs)} records to {args.out}")
         dist.destroy_process_group()
         return
-    import torch.multiprocessing as mp
+    from lsp.launch.dist_env import spawn_gloo
 
     for P in sorted({int(x) for x in args.ranks.split(",")}):
-        with tempfile.TemporaryDirectory() as tmp:
-            result = os.path.join(tmp, "records.json")
-            mp.spawn(_spawned, args=(P, os.path.join(tmp, "store"), args, result), nprocs=P)
-            with open(result) as f:
-                append_records(args.out, json.load(f))
+        append_records(args.out, spawn_gloo(measure, P, args))
     report(args.out)

@@ -6,12 +6,16 @@
   through mpi4py; rank 0 picks a free port on its host and broadcasts ``host:port`` over MPI.
 
 The backend is NCCL when CUDA is available and gloo otherwise, unless named.
+``spawn_gloo(fn, world, *args)`` is the no-launcher path of the benchmarks: it starts ``world``
+gloo ranks on this machine and returns what ``fn`` returns on rank 0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import tempfile
 from datetime import timedelta
 
 import torch
@@ -62,3 +66,30 @@ def init_from_environment(backend: str = "auto", timeout_s: float = 600.0) -> tu
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                             timeout=timeout)
     return rank, world, local
+
+
+def _spawned(rank, world, store, result, fn, args):
+    from lsp.launch.train import quiet_library_warnings
+
+    quiet_library_warnings()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        out = fn(*args)
+        if rank == 0:
+            with open(result, "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, world: int, *args):
+    """Run ``fn(*args)`` on ``world`` spawned gloo ranks; return rank 0's (JSON-able) result."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "result.json")
+        mp.spawn(_spawned, args=(world, os.path.join(tmp, "store"), result, fn, args),
+                 nprocs=world)
+        with open(result) as f:
+            return json.load(f)

@@ -319,6 +319,24 @@ def measure(fn, a, reps):
     return dict(ms=ms, all_ms=ts, peak_gib=mem)
 
 
+def cpu_smoke(out: str) -> bool:
+    """Every family x gate kind at a tiny shape under the interpreter (fp32), vs the oracle."""
+    global DEVICE
+    os.environ["TRITON_INTERPRET"] = "1"  # before lsp.kernels decorates its kernels
+    DEVICE = "cpu"
+    cases = [dict(family=f, gate=g, dtype="fp32", B=1, T=40, H=2, K=16, V=32, segs=2,
+                  oracle="naive") for f in FAMILIES for g in GATES]
+    recs = [run_case(c) for c in cases]
+    for r in recs:
+        log(case_line(r))
+    ok = all(r["ok"] for r in recs)
+    log(f"correctness: {sum(r['ok'] for r in recs)}/{len(recs)} passed")
+    with open(out, "w") as f:
+        json.dump(dict(info=dict(device="cpu (Triton interpreter)", torch=torch.__version__,
+                                 command=" ".join(sys.argv)), correctness=recs), f, indent=1)
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,7 +351,12 @@ def main():
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
     ap.add_argument("--phase-a", type=float, default=None,
                     help="seconds for the parallel phase (default: half the budget)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="CPU small form (CI): tiny correctness cases of every family and gate "
+                         "under Triton's interpreter; no timing")
     args = ap.parse_args()
+    if args.cpu_smoke:
+        sys.exit(0 if cpu_smoke(args.out) else 1)
     t_start = time.time()
     end = t_start + args.budget
     skip = set(filter(None, args.skip.split(",")))

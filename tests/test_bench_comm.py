@@ -34,6 +34,12 @@ def test_comm_benchmark_writes_json_and_png(tmp_path):
     for png in ("comm_time_vs_P.png", "comm_costmodel.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    # `lsp-bench costmodel` refits and re-plots from the JSON alone
+    from lsp.launch.bench import main as bench_main
+
+    bench_main(["costmodel", "--from", str(out / "comm.json"), "--out", str(tmp_path / "refit")])
+    refit = json.loads((tmp_path / "refit" / "comm.json").read_text())
+    assert refit["fit"] == doc["fit"] and (tmp_path / "refit" / "comm_costmodel.png").exists()
 
 
 @pytest.mark.parametrize("pattern,methods", [("p2p", ("ring", "allscan")),

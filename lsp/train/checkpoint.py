@@ -31,13 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lsp.layers.init import shard_of
+from lsp.layers.init import is_tp_split, layout_free_names, shard_of
 
 ARCH_KEYS_IGNORED = ("seed", "moe_grouped_gemm")
-
-
-def _is_tp_split(p) -> bool:
-    return bool(getattr(p, "tensor_model_parallel", False)) and getattr(p, "allreduce", True)
 
 
 def _is_expert(p) -> bool:
@@ -51,24 +47,7 @@ def global_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter, 
     which hold several experts and are listed as one ``linear_fc1/2.weight`` view per expert
     (the names ``SequentialMLP`` uses, so either form loads into the other).
     """
-    out = []
-    for name, p in model.named_parameters():
-        if hasattr(p, "lsp_grouped_experts"):
-            offset, n_local = p.lsp_grouped_experts
-            prefix, kind = name.rsplit(".", 1)
-            fc = {"weight1": "linear_fc1", "weight2": "linear_fc2"}[kind]
-            D = p.shape[0] if kind == "weight1" else p.shape[1]
-            blocks = p.view(n_local, D, -1) if kind == "weight1" else p.view(n_local, -1, D)
-            views = [(f"{prefix}.local_experts.{offset + i}.{fc}.weight", (blocks, i))
-                     for i in range(n_local)]
-            out.append((name, p, views))
-            continue
-        gname = name
-        if hasattr(p, "lsp_expert_index"):
-            local, glob = p.lsp_expert_index
-            gname = name.replace(f"local_experts.{local}.", f"local_experts.{glob}.", 1)
-        out.append((name, p, [(gname, None)]))
-    return out
+    return [(name, p, layout_free_names(name, p)) for name, p in model.named_parameters()]
 
 
 def _view(t: torch.Tensor, how):
@@ -81,7 +60,7 @@ def _view(t: torch.Tensor, how):
 
 def _gather_tp(t: torch.Tensor, p, topo) -> torch.Tensor:
     """The whole tensor from this TP group's shards (megatron's strided split)."""
-    if not (_is_tp_split(p) and topo is not None and topo.tp > 1):
+    if not (is_tp_split(p) and topo is not None and topo.tp > 1):
         return t
     parts = [torch.empty_like(t) for _ in range(topo.tp)]
     dist.all_gather(parts, t.contiguous(), group=topo.tp_group)

@@ -72,8 +72,10 @@ def build_mixer(letter: str, cfg: ModelConfig, ctx: ParallelContext) -> nn.Modul
 class Block(nn.Module):
     """``h = x + mixer(norm(x)); out = h + ffn(norm(h))`` (pre-norm)."""
 
-    def __init__(self, letter: str, ffn_kind: str, cfg: ModelConfig, ctx: ParallelContext):
+    def __init__(self, letter: str, ffn_kind: str, cfg: ModelConfig, ctx: ParallelContext,
+                 index: int = 0):
         super().__init__()
+        self.label = f"block{index}_{letter}{ffn_kind}"  # a profiler range name
         self.mixer_norm = RMSNorm(cfg.hidden_size, ctx, cfg.norm_eps)
         self.mixer = build_mixer(letter, cfg, ctx)
         self.ffn_norm = self.ffn = None
@@ -90,6 +92,10 @@ class Block(nn.Module):
                               grouped_gemm=cfg.moe_grouped_gemm, **common)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        with torch.profiler.record_function(self.label):
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         y, aux = self.mixer(self.mixer_norm(x))
         x = x + y
         if self.ffn is not None:
@@ -147,7 +153,8 @@ class DecoderLM(nn.Module):
         )
         self.embedding.weight.lsp_init = init
         self.blocks = nn.ModuleList(
-            Block(letter, kind, cfg, ctx) for letter, kind in zip(cfg.pattern, cfg.ffn_kinds())
+            Block(letter, kind, cfg, ctx, i)
+            for i, (letter, kind) in enumerate(zip(cfg.pattern, cfg.ffn_kinds()))
         )
         self.final_norm = RMSNorm(cfg.hidden_size, ctx, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else ColumnLinear(

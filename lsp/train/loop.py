@@ -100,6 +100,48 @@ def global_grad_norm(model, topo) -> torch.Tensor:
     return sq.sqrt()
 
 
+def _start_profiler(device):
+    """torch.profiler over one whole optimizer step (``train.profile_step``)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    prof = torch.profiler.profile(activities=acts, profile_memory=True)
+    if device.type == "cuda":
+        prof.lsp_marks = [f"step start: {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB "
+                          "allocated (weights, gradients, optimizer state)"]
+    prof.__enter__()
+    return prof
+
+
+def _finish_profiler(prof, run_dir: Path, rank: int, device, step: int) -> None:
+    """Write ``profile_rank<r>.txt``: ops by device time, by CPU time and by memory allocated,
+    and the step's peak memory; blocks appear as ``block<i>_<letter>`` ranges (recomputation
+    under activation checkpointing shows as a second range of the same name)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    prof.__exit__(None, None, None)
+    ka = prof.key_averages()
+    dev_key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    parts = [f"profile of step {step}, rank {rank}, device {device}"]
+    if device.type == "cuda":
+        parts += getattr(prof, "lsp_marks", [])
+        parts.append(f"peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB, "
+                     f"peak reserved {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB")
+    for key, n in ((dev_key, 60), ("cpu_time_total", 30), ("self_device_memory_usage"
+                   if device.type == "cuda" else "self_cpu_memory_usage", 40)):
+        try:
+            parts.append(f"--- sorted by {key}\n" + ka.table(sort_by=key, row_limit=n,
+                                                               max_name_column_width=60))
+        except Exception as e:  # a sort key this torch version lacks
+            parts.append(f"--- sorted by {key}: unavailable ({e})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"profile_rank{rank}.txt").write_text("\n\n".join(parts))
+    if rank == 0:
+        print(f"profile of step {step} written to {run_dir}/profile_rank*.txt", flush=True)
+
+
 def _peak_mem_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -231,7 +273,11 @@ def train(cfg) -> dict | None:
     eval_samples = None
     t_last, steps_since = time.perf_counter(), 0
     sp_mod.exchange_timer.reset()
+    profile_step = tr.get("profile_step")
     for step in range(start_step, min(tr.steps, stop_at)):
+        prof = None
+        if profile_step is not None and step + 1 == profile_step:
+            prof = _start_profiler(device)
         lr = lr_at(step, lr=tr.lr, min_lr=tr.min_lr, warmup_steps=tr.warmup_steps,
                    total_steps=tr.steps)
         for group in opt.param_groups:
@@ -243,6 +289,10 @@ def train(cfg) -> dict | None:
                 out = model(batch.input_ids, batch.labels,
                             loss_mask=(batch.labels != IGNORE_INDEX).float()
                             if cfg.data.kind == "mqar" else None)
+            if prof is not None and device.type == "cuda":
+                prof.lsp_marks = getattr(prof, "lsp_marks", []) + [
+                    f"micro-batch {m}: after forward {torch.cuda.memory_allocated(device) / 2**30:.2f}"
+                    f" GiB allocated, forward peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"]
             (out.loss / accum).backward()
             lm_loss += float(out.lm_loss) / accum
             aux_loss += (0.0 if out.aux_loss is None else float(out.aux_loss)) / accum
@@ -255,6 +305,8 @@ def train(cfg) -> dict | None:
                     p.grad.mul_(coef.to(p.grad.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if prof is not None:
+            _finish_profiler(prof, run_dir, rank, device, step + 1)
         # the first step has checked on every rank that the SP calls agree (shapes, methods);
         # shapes are static from here on, so drop that per-call collective (a host sync on NCCL)
         ctx.sp_check = False

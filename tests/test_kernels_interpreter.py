@@ -237,3 +237,25 @@ def test_extreme_gates_slow(family, gate, value):
     args = make_inputs(family, gate, B=1, T=70, H=2, K=16, V=16, dtype=torch.float32, seed=3,
                        gate_fn=_extreme(value))
     check(family, args, 2e-5 if value == 0 else 1e-3, num_segments=2)
+
+
+def test_grad_kernel_launch_warps(monkeypatch):
+    """``grad_kernel`` runs at 4 warps for BK <= 64 (8 above): its 8-warp sm_90 build at BK = 64
+    returned a wrong ``dw`` for gated delta rules on the H100 (``utils.grad_num_warps``)."""
+    from lsp.kernels.common import chunk as kchunk
+
+    seen = {}
+    orig = kchunk.launch
+
+    def spy(kernel, grid, *a, num_warps, **kw):
+        seen.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), set()).add(
+            (kw.get("BK"), num_warps))
+        return orig(kernel, grid, *a, num_warps=num_warps, **kw)
+
+    monkeypatch.setattr(kchunk, "launch", spy)
+    for K in (32, 64):
+        args = make_inputs("delta_rule", "scalar", 1, 20, 1, K, 16, dtype=torch.float32)
+        o, _ = kernels.delta_rule(args["q"], args["k"], args["v"], args["beta"], args["g"])
+        o.sum().backward()
+    assert seen["grad_kernel"] == {(32, 4), (64, 4)}
+    assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8

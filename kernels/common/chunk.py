@@ -27,6 +27,7 @@ from .utils import (
     SUB_CHUNK,
     choose_segments,
     dot_precision,
+    grad_num_warps,
     next_pow2,
     launch,
     num_warps_for,
@@ -231,7 +232,8 @@ class ChunkFunction(torch.autograd.Function):
         launch(grad_kernel, (NT, B * H),
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
             dG, dGl, dg if dg is not None else dq, dAqk, scale, T, NT, GATE=cfg.gate,
-            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=cfg.warps, **cfg.consts())
+            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK),
+            **cfg.consts())
         del h, dh
         if vec:
             pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG)

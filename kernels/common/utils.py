@@ -67,6 +67,20 @@ def num_warps_for(BK: int) -> int:
     return 4 if BK <= 32 else 8
 
 
+def grad_num_warps(BK: int) -> int:
+    """Warps for ``grad.grad_kernel``: 4 up to ``BK = 64``, 8 above.
+
+    On an H100 (Triton 3.6, sm_90) the 8-warp build of ``grad_kernel`` at ``BK = 64`` with a
+    gate (``GATE`` 1 or 2, i.e. with the ``sum_v h * dh`` reduction) returns a wrong ``dw`` for
+    the delta rule: 8 to 15 % relative error, different from run to run, while the same kernel at
+    2 or 4 warps (and its float32 / ``ieee`` twin) agree to 3e-7. ``dw`` feeds ``dk``, ``dbeta``
+    and ``dg`` through the WY backward, which is why Gated DeltaNet and the per-channel-gated
+    delta rule missed the 1e-2 bound in bf16 *and* fp16 at K = 64 (found with
+    ``launch/kernel_twin_check.py``). ``BK = 128`` at 8 warps was checked correct.
+    """
+    return 4 if BK <= 64 else 8
+
+
 _STAGES: dict = {}
 
 

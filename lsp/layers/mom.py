@@ -14,6 +14,12 @@ here runs over the sequence in token order before routing). Every memory has the
 so the ``M (+1)`` memories are stacked along the head axis and cross CP ranks in one packed
 ``sequence_parallel`` exchange (``M + 1`` state pairs per head).
 
+``memory_checkpointing=True`` runs the memories one after another instead, each under its own
+activation checkpoint that returns the memory's weighted output: a backward then holds one
+memory's activations at a time, not ``M + 1`` (the dense form's ``M + 1`` copies of k, v, the
+op's states and outputs are what makes MoM the largest layer at long context), at the price of
+one more forward of each memory and one exchange per memory. Same result either way.
+
 The router runs on this rank's own tokens before the TP gather (its weight is whole on every
 TP rank; its gradient is summed over TP), and adds a per-sequence load-balancing loss
 ``coeff * M * sum_m f_m P_m`` (Switch-style, averaged over sequences) whose token counts are
@@ -27,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lsp import ops
 from lsp.layers.common import l2norm, merge_heads, split_heads, wide
@@ -54,7 +61,8 @@ class MixtureOfMemories(nn.Module):
     Args:
         hidden_size, num_heads, head_dim, expand_v: widths as in Gated DeltaNet.
         num_memories: ``M``; topk: memories per token; shared_memory: add a memory that every
-            token updates; aux_loss_coeff: load-balancing loss weight (0 disables it).
+            token updates; aux_loss_coeff: load-balancing loss weight (0 disables it);
+            memory_checkpointing: one memory at a time, each checkpointed (see module doc).
         use_short_conv, conv_size, use_output_gate, norm_eps, ctx, init_std, num_layers: as in
             Gated DeltaNet (q projection, convolutions, ``A_log``/``dt_bias``, norm and output
             are shared by the memories, as in fla).
@@ -70,6 +78,7 @@ class MixtureOfMemories(nn.Module):
         topk: int = 2,
         shared_memory: bool = True,
         aux_loss_coeff: float = 0.01,
+        memory_checkpointing: bool = False,
         expand_v: float = 1.0,
         use_short_conv: bool = True,
         conv_size: int = 4,
@@ -88,6 +97,7 @@ class MixtureOfMemories(nn.Module):
         self.dk, self.dv = head_dim, int(head_dim * expand_v)
         self.M, self.topk, self.shared = num_memories, topk, shared_memory
         self.aux_loss_coeff = aux_loss_coeff
+        self.memory_checkpointing = memory_checkpointing
         self.use_short_conv, self.use_output_gate = use_short_conv, use_output_gate
         init = normal_init(init_std)
         self.router = replicated_parameter((num_memories, D), ctx, init)
@@ -139,10 +149,57 @@ class MixtureOfMemories(nn.Module):
         P = scores.sum(0) / tokens
         return self.aux_loss_coeff * self.M * (f * P).sum(-1).mean()
 
+    # memories ---------------------------------------------------------------------------------
+    def _decay(self, a: Tensor) -> Tensor:
+        return -wide(self.A_log).exp() * F.softplus(wide(a) + wide(self.dt_bias))
+
+    def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None) -> Tensor:
+        """Memory ``m`` over all tokens (``beta = 0``, ``log a = 0`` where ``mask`` is 0), times its
+        router weight ``w [B, T]`` (``None``: the shared memory). Returns ``[B, T, h, dv]``."""
+        dk, dv = self.dk, self.dv
+        k, v = self.k_proj[m](xb), self.v_proj[m](xb)
+        if self.use_short_conv:
+            k, v = self.k_conv(k), self.v_conv(v)
+        else:
+            k, v = F.silu(k), F.silu(v)
+        k, v = l2norm(split_heads(k, dk)), split_heads(v, dv)
+        keep = mask.unsqueeze(-1)  # [B, T, 1]
+        beta = torch.sigmoid(self.b_proj[m](xb))
+        beta = beta * keep.to(beta.dtype)
+        g = self._decay(self.a_proj[m](xb))
+        g = g * keep.to(g.dtype)
+        o = sequence_op(ops.delta_rule, q, k, v, beta, g, ctx=self.ctx)
+        return o if w is None else o * w[..., None, None].to(o.dtype)
+
+    def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+        """All memories in one op call, stacked along the head axis (the dense form)."""
+        h, dk, dv, n = self.h, self.dk, self.dv, len(self.k_proj)
+        B, T = xb.shape[:2]
+        k = torch.cat([p(xb) for p in self.k_proj], dim=-1)
+        v = torch.cat([p(xb) for p in self.v_proj], dim=-1)
+        if self.use_short_conv:
+            k, v = self.k_conv(k, copies=n), self.v_conv(v, copies=n)
+        else:
+            k, v = F.silu(k), F.silu(v)
+        qn = q.unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
+        k = l2norm(k.reshape(B, T, n * h, dk))
+        v = v.reshape(B, T, n * h, dv)
+        beta = torch.sigmoid(torch.stack([p(xb) for p in self.b_proj], dim=2))  # [B, T, n, h]
+        a = torch.stack([p(xb) for p in self.a_proj], dim=2)
+        g = self._decay(a)
+        beta = (beta * mask.unsqueeze(-1).to(beta.dtype)).reshape(B, T, n * h)
+        g = (g * mask.unsqueeze(-1).to(g.dtype)).reshape(B, T, n * h)
+        o = sequence_op(ops.delta_rule, qn, k, v, beta, g, ctx=self.ctx)  # all memories at once
+        o = o.reshape(B, T, n, h, dv)
+        out = (o[:, :, : self.M] * weights[..., None, None].to(o.dtype)).sum(2)
+        if self.shared:
+            out = out + o[:, :, self.M]
+        return out
+
     # mixing -----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``."""
-        ctx, h, dk, dv = self.ctx, self.h, self.dk, self.dv
+        ctx, dk, dv = self.ctx, self.dk, self.dv
         weights, mask, aux = self.route(x)
         routing = ctx.enter_tp(torch.cat([weights, mask], dim=-1)).transpose(0, 1)  # [B, T, 2M]
         weights, mask = routing[..., : self.M], routing[..., self.M:].detach()
@@ -153,25 +210,18 @@ class MixtureOfMemories(nn.Module):
             mask = torch.cat([mask, mask.new_ones(B, T, 1)], dim=-1)  # [B, T, n]
 
         q = self.q_proj(xb)
-        k = torch.cat([p(xb) for p in self.k_proj], dim=-1)
-        v = torch.cat([p(xb) for p in self.v_proj], dim=-1)
-        if self.use_short_conv:
-            q, k, v = self.q_conv(q), self.k_conv(k, copies=n), self.v_conv(v, copies=n)
+        q = self.q_conv(q) if self.use_short_conv else F.silu(q)
+        q = l2norm(split_heads(q, dk))  # [B, T, h, dk], shared by the memories
+        if self.memory_checkpointing:
+            out = None
+            for m in range(n):
+                w = weights[..., m] if m < self.M else None
+                if torch.is_grad_enabled():
+                    o = checkpoint(self._memory, m, xb, q, mask[..., m], w, use_reentrant=False)
+                else:
+                    o = self._memory(m, xb, q, mask[..., m], w)
+                out = o if out is None else out + o
         else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q = l2norm(split_heads(q, dk)).unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
-        k = l2norm(k.reshape(B, T, n * h, dk))
-        v = v.reshape(B, T, n * h, dv)
-        beta = torch.sigmoid(torch.stack([p(xb) for p in self.b_proj], dim=2))  # [B, T, n, h]
-        a = torch.stack([p(xb) for p in self.a_proj], dim=2)
-        g = -wide(self.A_log).exp() * F.softplus(wide(a) + wide(self.dt_bias))
-        beta = (beta * mask.unsqueeze(-1).to(beta.dtype)).reshape(B, T, n * h)
-        g = (g * mask.unsqueeze(-1).to(g.dtype)).reshape(B, T, n * h)
-
-        o = sequence_op(ops.delta_rule, q, k, v, beta, g, ctx=ctx)  # all memories at once
-        o = o.reshape(B, T, n, h, dv)
-        out = (o[:, :, : self.M] * weights[..., None, None].to(o.dtype)).sum(2)
-        if self.shared:
-            out = out + o[:, :, self.M]
+            out = self._all_memories(xb, q, mask, weights)
         gate = split_heads(self.g_proj(xb), dv) if self.use_output_gate else None
         return self.o_proj(merge_heads(self.o_norm(out, gate))), aux

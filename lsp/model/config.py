@@ -54,6 +54,7 @@ class ModelConfig:
     mom_topk: int = 2
     mom_shared_memory: bool = True
     mom_aux_loss_coeff: float = 0.01
+    mom_memory_checkpointing: bool = False  # one memory at a time, each checkpointed (long context)
     # SoftmaxAttention ('S')
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0
@@ -65,6 +66,10 @@ class ModelConfig:
     moe_shared_expert_size: int | None = None
     moe_aux_loss_coeff: float = 0.01
     moe_grouped_gemm: bool = False
+    # residual stream: float32 under bf16 autocast (default), or in the autocast dtype as in
+    # Megatron-LM without --fp32-residual-connection (halves the activations that checkpointing
+    # keeps: 2 bytes per token and hidden unit per block)
+    fp32_residual_connection: bool = True
     # embeddings and initialisation
     tie_embeddings: bool = False
     init_std: float = 0.02

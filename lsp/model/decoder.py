@@ -65,6 +65,7 @@ def build_mixer(letter: str, cfg: ModelConfig, ctx: ParallelContext) -> nn.Modul
     if letter == "M":
         return cls(D, H, d, num_memories=cfg.mom_num_memories, topk=cfg.mom_topk,
                    shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
+                   memory_checkpointing=cfg.mom_memory_checkpointing,
                    **recurrent)
     return cls(D, H, d, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, **common)
 
@@ -180,6 +181,8 @@ class DecoderLM(nn.Module):
                 f"length divisible by cp*tp = {ctx.cp_size * ctx.tp_size}"
             )
         h = self.embedding(input_ids)  # [T / tp, B, D]
+        if not self.cfg.fp32_residual_connection and torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         aux = None
         for block in self.blocks:
             h, a = block(h)

@@ -66,10 +66,16 @@ def build_samples(data_cfg, seq_len: int, seed: int, split: str = "train"):
 
 
 def apply_activation_checkpointing(model) -> None:
-    """Recompute each block in backward instead of keeping its activations (from outside)."""
+    """Recompute each block in backward instead of keeping its activations (from outside).
+
+    ``early_stop=False``: the recomputation runs the whole block, so that code after the last
+    saved tensor (``MoEFFN`` dropping the graph references megatron's dispatcher keeps) runs too;
+    with early stop the recomputed graph of every block stayed alive to the end of the step.
+    """
     for block in model.blocks:
         inner = block.forward
-        block.forward = lambda x, _f=inner: checkpoint(_f, x, use_reentrant=False)
+        block.forward = lambda x, _f=inner: checkpoint(_f, x, use_reentrant=False,
+                                                      early_stop=False)
 
 
 def global_grad_norm(model, topo) -> torch.Tensor:

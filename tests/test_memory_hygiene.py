@@ -1,0 +1,125 @@
+"""What keeps a long-context step's memory down, each checked against an independent reference:
+memory-lean norms (float64 autograd of the plain formula), MoM's checkpointed per-memory form (the
+dense form, float64), no autograd history left on megatron's MoE dispatcher after a step (it kept
+every block's recomputed activations alive), and the output projection's input folding into one
+GEMM (a [T, 1, K] view with a stray stride made megatron's matmul run T row products)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model_harness as H
+from lsp.layers import MixtureOfMemories, ParallelContext, init_parameters
+from lsp.layers.common import l2norm, merge_heads
+from lsp.layers.norm import rms_norm
+
+
+def _plain_l2norm(x, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def _plain_rms_norm(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _grads(fn, *inputs, seed=3):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y.backward(dy.to(y.dtype))
+    return [y.detach().double()] + [t.grad.double() for t in inputs]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5),
+                                       (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("wshape", [(32,), (4, 32)])
+def test_norms_match_float64_autograd_of_the_plain_formula(dtype, tol, wshape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, 32, generator=gen, dtype=torch.float64) * 3
+    w = 1 + 0.1 * torch.randn(wshape, generator=gen, dtype=torch.float64)
+    ref = _grads(_plain_rms_norm, x, w)
+    got = _grads(lambda a, b: rms_norm(a, b, 1e-5), x.to(dtype), w.to(torch.float32 if dtype != torch.float64 else dtype))
+    for r, g in zip(ref, got):
+        assert (g - r).norm() / r.norm() < tol
+    ref = _grads(_plain_l2norm, x)
+    got = _grads(l2norm, x.to(dtype))
+    for r, g in zip(ref, got):
+        assert (g - r).norm() / r.norm() < tol
+
+
+def test_norms_save_only_their_input_and_statistics():
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    x = torch.randn(256, 1, 512, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(512, requires_grad=True)
+    for fn in (lambda: l2norm(x), lambda: rms_norm(x, w, 1e-5)):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        # x itself (bf16) + one float32 statistic per row (+ the weight): no float32 copy of x
+        assert sum(saved) <= x.numel() * 2 + 256 * 4 + 512 * 4
+
+
+def test_mom_memory_checkpointing_equals_the_dense_form():
+    ctx = ParallelContext(backend="torch", params_dtype=torch.float64)
+    kw = dict(num_memories=3, topk=2, shared_memory=True, expand_v=2.0, ctx=ctx)
+    dense = MixtureOfMemories(16, 2, 4, **kw)
+    ckpt = MixtureOfMemories(16, 2, 4, memory_checkpointing=True, **kw)
+    init_parameters(dense, seed=5, tp=1)
+    ckpt.load_state_dict(dense.state_dict())
+    x = torch.randn(13, 2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs = []
+    for mod in (dense, ckpt):
+        xi = x.clone().requires_grad_()
+        y, aux = mod(xi)
+        (y.pow(2).sum() + aux).backward()
+        outs.append([y, xi.grad] + [p.grad for p in mod.parameters()])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_output_projection_input_folds_into_one_gemm():
+    o = torch.randn(1, 64, 4, 8)  # [B=1, T, h, d], as a mixer hands it to its output projection
+    x = merge_heads(o)
+    assert x.shape == (64, 1, 32) and torch.equal(x[:, 0], o[0].flatten(-2))
+    with torch.profiler.profile() as prof:
+        torch.matmul(x, torch.randn(32, 16))
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::mm" in names and "aten::bmm" not in names
+
+
+def _moe_step_rank(rank, world):
+    from lsp.layers.ffn import MoEFFN
+    from lsp.model import DecoderLM, ModelConfig
+    from lsp.parallel.topology import destroy_topology, init_topology
+    from lsp.train.loop import apply_activation_checkpointing
+
+    topo = init_topology(1, 1, 1)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GS", num_heads=2, head_dim=16,
+                      ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32)
+    model = DecoderLM(cfg, ParallelContext(topo, backend="torch"))
+    apply_activation_checkpointing(model)
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    model(ids, ids).loss.backward()
+    held = []
+    for name, mod in model.named_modules():
+        objs = [(name, mod)]
+        if isinstance(mod, MoEFFN):
+            objs += [(name + ".token_dispatcher", mod.moe.token_dispatcher),
+                     (name + ".router", mod.moe.router)]
+        for oname, obj in objs:
+            for attr, val in vars(obj).items():
+                if torch.is_tensor(val) and not isinstance(val, torch.nn.Parameter) and (
+                        val.requires_grad or val.grad_fn is not None):
+                    held.append(f"{oname}.{attr}")
+    destroy_topology()
+    return held
+
+
+def test_no_autograd_history_is_left_on_modules_after_a_checkpointed_step():
+    assert H.run_ranks(_moe_step_rank, 1) == [[]]

@@ -123,3 +123,21 @@ def _moe_step_rank(rank, world):
 
 def test_no_autograd_history_is_left_on_modules_after_a_checkpointed_step():
     assert H.run_ranks(_moe_step_rank, 1) == [[]]
+
+
+@pytest.mark.parametrize("fp32_residual", [True, False])
+def test_residual_stream_dtype_under_autocast(fp32_residual):
+    from lsp.model import DecoderLM, ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GG", num_heads=2, head_dim=16,
+                      ffn_hidden_size=64, fp32_residual_connection=fp32_residual)
+    model = DecoderLM(cfg, ParallelContext(backend="torch"))
+    seen = []
+    for b in model.blocks:
+        b.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out[0].dtype)))
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, ids)
+    want = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen == [(want, want)] * 2
+    assert torch.isfinite(out.loss)

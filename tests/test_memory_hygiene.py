@@ -141,3 +141,47 @@ def test_residual_stream_dtype_under_autocast(fp32_residual):
     want = torch.float32 if fp32_residual else torch.bfloat16
     assert seen == [(want, want)] * 2
     assert torch.isfinite(out.loss)
+
+
+def _sac_rank(rank, world, save_attention):
+    from lsp.model import DecoderLM, ModelConfig
+    from lsp.parallel.topology import destroy_topology, init_topology
+    from lsp.train.loop import _attention_ops, apply_activation_checkpointing
+
+    topo = init_topology(1, 1, 1)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GS", num_heads=2, head_dim=16,
+                      ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32)
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    attention = _attention_ops()
+
+    class CountKernelRuns(TorchDispatchMode):
+        # outside checkpointing's own mode: sees an op only when it really runs, not when
+        # selective checkpointing hands back its saved output
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountKernelRuns.n += func in attention
+            return func(*args, **(kwargs or {}))
+
+    grads = []
+    for ckpt in (False, True):
+        model = DecoderLM(cfg, ParallelContext(topo, backend="torch"), seed=3)
+        if ckpt:
+            apply_activation_checkpointing(model, save_attention)
+        CountKernelRuns.n = 0
+        with CountKernelRuns():
+            model(ids, ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    calls = CountKernelRuns.n
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+    destroy_topology()
+    return calls, same
+
+
+@pytest.mark.parametrize("save_attention,calls", [(True, 1), (False, 2)])
+def test_checkpointing_keeps_attention_outputs_instead_of_recomputing(save_attention, calls):
+    # one forward of the attention kernel with save_attention, two (forward + recompute) without;
+    # gradients equal those of the model without checkpointing either way
+    assert H.run_ranks(_sac_rank, 1, save_attention) == [(calls, True)]

@@ -65,17 +65,45 @@ def build_samples(data_cfg, seq_len: int, seed: int, split: str = "train"):
     raise ValueError(f"data.kind={kind!r} is unknown; choose stdlib, megatron or mqar")
 
 
-def apply_activation_checkpointing(model) -> None:
+def _attention_ops():
+    aten = torch.ops.aten
+    return {getattr(aten, n).default for n in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+        if hasattr(aten, n)}
+
+
+def _save_attention_context():
+    """Selective checkpointing (torch's SAC): keep the softmax attention kernel's outputs (output
+    and log-sum-exp, ~1 GB per layer at 512K tokens a GPU) and recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model, save_attention: bool = True) -> None:
     """Recompute each block in backward instead of keeping its activations (from outside).
 
     ``early_stop=False``: the recomputation runs the whole block, so that code after the last
     saved tensor (``MoEFFN`` dropping the graph references megatron's dispatcher keeps) runs too;
     with early stop the recomputed graph of every block stayed alive to the end of the step.
+    ``save_attention``: in softmax-attention blocks keep the attention kernel's outputs rather
+    than run it again: at long context it is the most expensive op of the model (quadratic), and
+    recomputing it cost one more attention forward per layer and step.
     """
+    from lsp.layers import SoftmaxAttention
+
     for block in model.blocks:
         inner = block.forward
-        block.forward = lambda x, _f=inner: checkpoint(_f, x, use_reentrant=False,
-                                                      early_stop=False)
+        kw = dict(use_reentrant=False, early_stop=False)
+        if save_attention and isinstance(block.mixer, SoftmaxAttention):
+            kw["context_fn"] = _save_attention_context
+        block.forward = lambda x, _f=inner, _kw=kw: checkpoint(_f, x, **_kw)
 
 
 def global_grad_norm(model, topo) -> torch.Tensor:
@@ -244,7 +272,7 @@ def train(cfg) -> dict | None:
     ctx = ParallelContext(topo, sp_method=par.sp_method, backend=par.get("op_backend", "auto"))
     model = DecoderLM(mcfg, ctx).to(device)
     if par.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, par.get("checkpoint_save_attention", True))
     opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.beta1, tr.beta2),
                             eps=tr.eps, weight_decay=tr.weight_decay,
                             fused=device.type == "cuda")

@@ -144,7 +144,7 @@ def test_residual_stream_dtype_under_autocast(fp32_residual):
 
 
 def _sac_rank(rank, world, save_attention):
-    from lsp.model import DecoderLM, ModelConfig
+    from lsp.model import DecoderLM, ModelConfig, split_batch
     from lsp.parallel.topology import destroy_topology, init_topology
     from lsp.train.loop import _attention_ops, apply_activation_checkpointing
 
@@ -185,3 +185,9 @@ def test_checkpointing_keeps_attention_outputs_instead_of_recomputing(save_atten
     # one forward of the attention kernel with save_attention, two (forward + recompute) without;
     # gradients equal those of the model without checkpointing either way
     assert H.run_ranks(_sac_rank, 1, save_attention) == [(calls, True)]
+
+
+def test_selective_checkpointing_under_context_parallelism():
+    # rank 1's queries see a key prefix twice their length (lower-right causal mask)
+    results = H.run_ranks(_sac_rank, 2, True)
+    assert [same for _, same in results] == [True, True]

@@ -50,9 +50,15 @@ def one_process_losses(tmp_path_factory):
     return losses(run)
 
 
-@pytest.mark.parametrize("layout", ["cp2", "tp2"])
+# cp2+ckpt: the 1M-context experiment's memory options (activation checkpointing with attention
+# outputs kept, MoM one memory at a time) under CP, where rank 1's attention is lower-right masked
+CKPT = ["parallel.activation_checkpointing=true", "+model.mom_memory_checkpointing=true"]
+
+
+@pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt"])
 def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
-    main([f"parallel={layout}", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
+    extra = CKPT if layout.endswith("+ckpt") else []
+    main([f"parallel={layout.split('+')[0]}", f"run_dir={tmp_path}"] + LAYOUT_ARGS + extra)
     got = losses(tmp_path)
     assert len(got) == 5
     for a, b in zip(got, one_process_losses):

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
 
 from lsp.layers.common import merge_heads, split_heads
 from lsp.layers.context import (
@@ -61,11 +60,26 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None) -> Tensor:
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
-    if k.shape[2] == T:
+    S = k.shape[2]
+    if S == T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]))
+    elif _flash_ok(q, k, v):
+        # flash attention's causal mask is aligned lower-right when S > T (as torch's own
+        # ``causal_lower_right`` dispatch uses it); called directly because that CausalBias
+        # tensor subclass breaks under selective activation checkpointing's dispatch mode
+        o = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)[0]
+    else:  # CPU, fp32: materialised lower-right mask (query i sees keys j <= i + S - T)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2)
+
+
+def _flash_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    if not q.is_cuda:
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, False))
 
 
 class SoftmaxAttention(nn.Module):

@@ -158,3 +158,11 @@ def test_mpirun_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(losses(tmp_path)) == 3
     assert "world 2" in proc.stdout
+
+
+def test_watchdog_dumps_stacks_of_a_slow_step(tmp_path, capfd):
+    # a step longer than train.watchdog_s prints every thread's Python stack (for hang hunting)
+    main(["parallel=single", "train.steps=1", "train.watchdog_s=0.02", f"run_dir={tmp_path}",
+          "train.seq_len=256"] + FAST)
+    err = capfd.readouterr().err
+    assert "most recent call first" in err and "loop.py" in err

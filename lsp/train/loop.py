@@ -16,8 +16,10 @@ all GPUs, DP = 1) have nothing to shard; it is not wired in yet.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
 import resource
 import time
 from pathlib import Path
@@ -308,7 +310,10 @@ def train(cfg) -> dict | None:
     t_last, steps_since = time.perf_counter(), 0
     sp_mod.exchange_timer.reset()
     profile_step = tr.get("profile_step")
+    watchdog_s = tr.get("watchdog_s")
     for step in range(start_step, min(tr.steps, stop_at)):
+        if watchdog_s:  # a step slower than this dumps every thread's Python stack (hang hunting)
+            faulthandler.dump_traceback_later(watchdog_s, repeat=True, file=sys.stderr)
         prof = None
         if profile_step is not None and step + 1 == profile_step:
             prof = _start_profiler(device)
@@ -344,6 +349,8 @@ def train(cfg) -> dict | None:
         # the first step has checked on every rank that the SP calls agree (shapes, methods);
         # shapes are static from here on, so drop that per-call collective (a host sync on NCCL)
         ctx.sp_check = False
+        if watchdog_s:
+            faulthandler.cancel_dump_traceback_later()
         steps_since += 1
         done = step + 1
         if done % tr.log_interval == 0 or done == tr.steps:

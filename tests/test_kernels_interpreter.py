@@ -258,4 +258,6 @@ def test_grad_kernel_launch_warps(monkeypatch):
         o, _ = kernels.delta_rule(args["q"], args["k"], args["v"], args["beta"], args["g"])
         o.sum().backward()
     assert seen["grad_kernel"] == {(32, 4), (64, 4)}
+    for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike
+        assert seen[name] == {(32, 4), (64, 4)}, (name, seen[name])
     assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8

@@ -140,7 +140,7 @@ def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
         Aqk if Aqk is not None else d, do, dh if dh is not None else d,
         dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
         scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate, DELTA=cfg.delta, MODE=mode,
-        HAS_DS0=ds0 is not None, IP=cfg.IP, num_warps=cfg.warps, **cfg.consts())
+        HAS_DS0=ds0 is not None, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK), **cfg.consts())
     return ds_start
 
 
@@ -250,7 +250,7 @@ class ChunkFunction(torch.autograd.Function):
                        dP, T, NT)
             if cfg.BK <= WY_SINGLE_TILE_MAX_K:
                 launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT, BK=cfg.BK,
-                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, num_warps=cfg.warps)
+                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK))
             else:
                 launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
                        BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate, IP=cfg.IP,

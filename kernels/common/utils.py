@@ -68,7 +68,15 @@ def num_warps_for(BK: int) -> int:
 
 
 def grad_num_warps(BK: int) -> int:
-    """Warps for ``grad.grad_kernel``: 4 up to ``BK = 64``, 8 above.
+    """Warps for the backward kernels (``grad_kernel``, ``state_bwd_kernel``, ``wy_bwd_kernel``):
+    4 up to ``BK = 64``, 8 above.
+
+    With only ``grad_kernel`` at 4 warps (commit aa94a7a) the H100 still gave Gated DeltaNet at
+    K = 64 ``dk`` 8e-3 / ``dg`` 1.6e-2 in bf16 and 1.1e-2 / 1.7e-2 in fp16 (fp16 rounding alone
+    gives ~4e-4), and KDA-like fp16 1.0e-2; a diagnostic run with *every* backward kernel at 4
+    warps had KDA-like and Gated DeltaNet fp16 at ~4e-4 and KDA-like bf16 at 3.3e-3. So the
+    state and WY backward kernels run at 4 warps at K <= 64 too. Not yet rerun on the GPU in
+    this exact setting: the device check decides.
 
     On an H100 (Triton 3.6, sm_90) the 8-warp build of ``grad_kernel`` at ``BK = 64`` with a
     gate (``GATE`` 1 or 2, i.e. with the ``sum_v h * dh`` reduction) returns a wrong ``dw`` for

@@ -371,7 +371,9 @@ def main():
     ap.add_argument("--skip", default="",
                     help="comma list of sections to skip: correct,sweep,profile,time,fla")
     ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
-    ap.add_argument("--workers", type=int, default=min(24, max(1, (os.cpu_count() or 2) - 4)))
+    ap.add_argument("--workers", type=int, default=min(6, max(1, (os.cpu_count() or 2) - 4)),
+                    help="correctness worker processes sharing one GPU (more ran out of GPU "
+                         "memory at fp32 kernel launches on an H100)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
     ap.add_argument("--phase-a", type=float, default=None,
                     help="seconds for the parallel phase (default: half the budget)")

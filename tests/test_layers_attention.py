@@ -36,13 +36,13 @@ def _unsharded():
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def _rank(rank, world):
+def _rank(rank, world, balance=False):
     topo = init_topology(cp=world)
     t = T // world
     sl = slice(rank * t, (rank + 1) * t)
     q, k, v, do = (x[:, sl].clone().requires_grad_() for x in _inputs())
     pos = rank * t + torch.arange(t)
-    o = causal_attention(apply_rope(q, pos), apply_rope(k, pos), v, topo.cp_group)
+    o = causal_attention(apply_rope(q, pos), apply_rope(k, pos), v, topo.cp_group, balance)
     (o * do.detach()).sum().backward()
     return o.detach(), q.grad, k.grad, v.grad
 
@@ -57,6 +57,29 @@ def test_softmax_attention_under_cp_equals_unsharded_causal_attention(world):
     for i, name in enumerate(["o", "dq", "dk", "dv"]):
         got = torch.cat([o[i] for o in out], dim=1)
         assert torch.allclose(got, ref[i], rtol=0, atol=1e-12), name
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_balanced_attention_under_cp_equals_unsharded_causal_attention(world):
+    # the busier rank of each pair (r, P-1-r) hands query rows to its partner: outputs and
+    # every gradient still equal plain causal attention over the whole sequence (float64)
+    ref = _unsharded()
+    out = H.run_ranks(_rank, world, True)
+    for i, name in enumerate(["o", "dq", "dk", "dv"]):
+        got = torch.cat([o[i] for o in out], dim=1)
+        assert torch.allclose(got, ref[i], rtol=0, atol=1e-10), name
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 8])
+def test_balanced_attention_evens_out_the_work(P):
+    from lsp.parallel.cp_attention import rank_work
+
+    T = 4096
+    plain = [r + 0.5 for r in range(P)]  # contiguous layout, each rank its own queries
+    work = [rank_work(P, T, r) for r in range(P)]
+    assert abs(sum(work) - sum(plain)) < 1e-9  # the same scores, moved between ranks
+    assert max(work) - min(work) <= 1.0 / T * P  # within a row of P / 2 each
+    assert max(plain) / min(plain) == 2 * P - 1
 
 
 def test_rope_is_a_rotation_by_relative_position():

@@ -55,9 +55,11 @@ def one_process_losses(tmp_path_factory):
 CKPT = ["parallel.activation_checkpointing=true", "+model.mom_memory_checkpointing=true"]
 
 
-@pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt"])
+@pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt"])
 def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
     extra = CKPT if layout.endswith("+ckpt") else []
+    if "+balance" in layout:  # softmax attention's work split evenly over the CP ranks
+        extra = extra + ["parallel.attention_load_balance=true"]
     main([f"parallel={layout.split('+')[0]}", f"run_dir={tmp_path}"] + LAYOUT_ARGS + extra)
     got = losses(tmp_path)
     assert len(got) == 5

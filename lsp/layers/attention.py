@@ -42,24 +42,34 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool = False) -> Tensor:
     """Causal softmax attention of this CP rank's queries over the whole sequence so far.
 
     ``q``: ``[B, T, H, d]`` (this rank's contiguous slice), ``k, v``: ``[B, T, Hkv, d]``
-    (same slice; ``Hkv`` divides ``H``); ``group``: the CP group (``None``: one rank). Returns
+    (same slice; ``Hkv`` divides ``H``); ``group``: the CP group (``None``: one rank);
+    ``balance``: split the attention work evenly over the CP ranks
+    (:func:`lsp.parallel.cp_attention.balanced_causal_attention`) instead of each rank scoring
+    its own queries (the last rank then does ``2P - 1`` times the first rank's work). Returns
     ``[B, T, H, d]``, equal to the matching slice of causal attention over the whole sequence.
     """
     from lsp.parallel.seq_gather import all_gather_sequence
 
     T = q.shape[1]
-    if group is not None and torch.distributed.get_world_size(group) > 1:
+    multi = group is not None and torch.distributed.get_world_size(group) > 1
+    if multi:
         r = torch.distributed.get_rank(group)
-        k = all_gather_sequence(k, group, dim=1)[:, : (r + 1) * T]
-        v = all_gather_sequence(v, group, dim=1)[:, : (r + 1) * T]
+        k = all_gather_sequence(k, group, dim=1)
+        v = all_gather_sequence(v, group, dim=1)
+        if not balance:
+            k, v = k[:, : (r + 1) * T], v[:, : (r + 1) * T]
     if k.shape[2] != q.shape[2]:
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
+    if multi and balance:
+        from lsp.parallel.cp_attention import balanced_causal_attention
+
+        return balanced_causal_attention(q, k, v, group).transpose(1, 2)
     S = k.shape[2]
     if S == T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -126,5 +136,5 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(split_heads(self.q_proj(xb), self.d), pos, self.theta)
         k = apply_rope(split_heads(self.k_proj(xb), self.d), pos, self.theta)
         v = split_heads(self.v_proj(xb), self.d)
-        o = causal_attention(q, k, v, self.ctx.cp_group)
+        o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance)
         return self.o_proj(merge_heads(o)), None

@@ -61,6 +61,8 @@ class ParallelContext:
         sp_check: let ``sequence_parallel`` verify that the ranks agree on every call (one small
             collective per call; a loop with static shapes may turn it off after a first step).
         sp_num_blocks: All-Scan blocks (``None``: ``lsp.parallel``'s default).
+        cp_attention_balance: softmax attention under CP splits its work evenly over the ranks
+            (``lsp.parallel.cp_attention``) instead of each rank scoring its own queries.
     """
 
     topo: object | None = None
@@ -69,6 +71,7 @@ class ParallelContext:
     params_dtype: torch.dtype = torch.float32
     sp_check: bool = True
     sp_num_blocks: int | None = None
+    cp_attention_balance: bool = False
 
     def __post_init__(self):
         if self.sp_method not in SP_METHODS:

@@ -158,7 +158,10 @@ class _BalancedAttention(torch.autograd.Function):
         n_out, n_in, p = ctx.n
         T = q.shape[2]
         do = do.contiguous()
-        acc = _acc(q.dtype)
+        # gradients accumulate in the inputs' dtype: a key block gets at most three partials,
+        # each already rounded to that dtype by the flash backward (float32 buffers would be 4 GB
+        # more per tensor at 1M keys)
+        acc = q.dtype
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dK = torch.zeros(K.shape, dtype=acc, device=K.device)
         dV = torch.zeros(V.shape, dtype=acc, device=V.device)
@@ -184,7 +187,7 @@ class _BalancedAttention(torch.autograd.Function):
             dq_far = q.new_empty(q.shape[:2] + (n_out, q.shape[3]))
             _exchange(ctx.group, p, [], [dq_far])
             dq[:, :, :n_out] += dq_far.to(acc)
-        return dq.to(q.dtype), dK.to(K.dtype), dV.to(V.dtype), None
+        return dq, dK, dV, None
 
 
 def balanced_causal_attention(q: Tensor, K: Tensor, V: Tensor, group) -> Tensor:

@@ -191,3 +191,26 @@ def test_selective_checkpointing_under_context_parallelism():
     # rank 1's queries see a key prefix twice their length (lower-right causal mask)
     results = H.run_ranks(_sac_rank, 2, True)
     assert [same for _, same in results] == [True, True]
+
+
+def test_conv_recompute_keeps_only_its_input_and_gives_the_same_gradients():
+    from lsp.layers.conv import ShortConvolution
+
+    x = torch.randn(2, 20, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = []
+    for recompute in (False, True):
+        conv = ShortConvolution(6, 4, ParallelContext(params_dtype=torch.float64))
+        init_parameters(conv, seed=1, tp=1)
+        conv.recompute = recompute
+        xi = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+            y = conv(xi, copies=2)
+        y.pow(2).sum().backward()
+        res.append((y.detach(), xi.grad, conv.weight.grad, sum(saved)))
+    (y0, dx0, dw0, saved0), (y1, dx1, dw1, saved1) = res
+    assert torch.equal(y0, y1)
+    assert torch.allclose(dx0, dx1, rtol=1e-12, atol=0) and torch.allclose(dw0, dw1, rtol=1e-12)
+    # the input and the (zero) halo rows instead of the padded copy and the pre-activation output
+    assert saved1 <= x.nbytes + 2 * 3 * 12 * 8 and saved0 >= 2 * x.nbytes

@@ -24,7 +24,14 @@ class ShortConvolution(nn.Module):
     Args:
         channels: total channels over all TP ranks; kernel_size: ``w``;
         activation: ``"silu"`` or ``None``.
+
+    ``recompute`` (attribute, default off): keep only the input for backward and recompute the
+    convolution there (a nested activation checkpoint around everything after the halo
+    exchange); the plain form keeps the padded input copy and the pre-activation output, two
+    activations per convolution (3 GB per Gated DeltaNet layer at 512K tokens).
     """
+
+    recompute: bool = False
 
     def __init__(self, channels: int, kernel_size: int, ctx: ParallelContext | None = None,
                  activation: str | None = "silu"):
@@ -48,6 +55,13 @@ class ShortConvolution(nn.Module):
 
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._conv, x, halo, copies, use_reentrant=False)
+        return self._conv(x, halo, copies)
+
+    def _conv(self, x: Tensor, halo: Tensor, copies: int) -> Tensor:
         xp = torch.cat([halo, x], dim=1).transpose(1, 2)  # [B, C, T + w - 1]
         weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
         y = F.conv1d(xp, weight.to(x.dtype), groups=weight.shape[0]).transpose(1, 2)

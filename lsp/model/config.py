@@ -55,6 +55,7 @@ class ModelConfig:
     mom_shared_memory: bool = True
     mom_aux_loss_coeff: float = 0.01
     mom_memory_checkpointing: bool = False  # one memory at a time, each checkpointed (long context)
+    conv_checkpointing: bool = False  # short convolutions keep only their input (long context)
     # SoftmaxAttention ('S')
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0

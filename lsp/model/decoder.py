@@ -164,6 +164,11 @@ class DecoderLM(nn.Module):
             if not getattr(p, "tensor_model_parallel", False) and getattr(p, "allreduce", True):
                 p.sequence_parallel = True
         init_parameters(self, cfg.seed if seed is None else seed, ctx.tp_size, ctx.tp_rank)
+        from lsp.layers.conv import ShortConvolution
+
+        for m in self.modules():
+            if isinstance(m, ShortConvolution):
+                m.recompute = cfg.conv_checkpointing
 
     def output_weight(self) -> Tensor:
         """This TP rank's vocabulary rows of the output head ``[V / tp, D]``."""

@@ -35,7 +35,12 @@ from lsp.layers.context import (
 from lsp.layers.conv import ShortConvolution
 from lsp.layers.norm import HeadRMSNorm
 
-__all__ = ["DeltaNet", "GatedDeltaNet", "a_log_init", "dt_bias_init"]
+__all__ = ["DeltaNet", "GatedDeltaNet", "a_log_init", "dt_bias_init", "mamba_decay"]
+
+
+def mamba_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
+    """``log a_t = -exp(A_log) softplus(a + dt_bias)`` per head (float32 at least)."""
+    return -wide(A_log).exp() * F.softplus(wide(a) + wide(dt_bias))
 
 
 def a_log_init(shape, gen):
@@ -106,7 +111,7 @@ class _DeltaRuleMixer(nn.Module):
 
     def _decay(self, a: Tensor) -> Tensor:
         """``log a_t = -exp(A_log) softplus(a + dt_bias)``, ``[B, T, h]`` (float32 at least)."""
-        return -wide(self.A_log).exp() * F.softplus(wide(a) + wide(self.dt_bias))
+        return mamba_decay(a, self.A_log, self.dt_bias)
 
     def _output(self, o: Tensor, xb: Tensor) -> Tensor:
         gate = split_heads(self.g_proj(xb), self.dv) if self.use_output_gate else None

@@ -49,7 +49,7 @@ from lsp.layers.context import (
     sequence_op,
 )
 from lsp.layers.conv import ShortConvolution
-from lsp.layers.delta_net import a_log_init, dt_bias_init
+from lsp.layers.delta_net import a_log_init, dt_bias_init, mamba_decay
 from lsp.layers.norm import HeadRMSNorm
 
 __all__ = ["MixtureOfMemories"]
@@ -151,7 +151,7 @@ class MixtureOfMemories(nn.Module):
 
     # memories ---------------------------------------------------------------------------------
     def _decay(self, a: Tensor) -> Tensor:
-        return -wide(self.A_log).exp() * F.softplus(wide(a) + wide(self.dt_bias))
+        return mamba_decay(a, self.A_log, self.dt_bias)
 
     def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None) -> Tensor:
         """Memory ``m`` over all tokens (``beta = 0``, ``log a = 0`` where ``mask`` is 0), times its

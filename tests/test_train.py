@@ -169,3 +169,12 @@ def test_watchdog_dumps_stacks_of_a_slow_step(tmp_path, capfd):
           "train.seq_len=256"] + FAST)
     err = capfd.readouterr().err
     assert "most recent call first" in err and "loop.py" in err
+
+
+def test_profile_step_writes_a_per_rank_table(tmp_path):
+    main(["experiment=cpu_demo", "train.steps=2", "train.profile_step=2", "train.save_interval=0",
+          "train.eval_interval=0", "log.tensorboard=false", f"run_dir={tmp_path}"] + FAST)
+    for rank in (0, 1):  # CP=2: one table per rank, with the blocks as named ranges
+        text = (tmp_path / f"profile_rank{rank}.txt").read_text()
+        assert text.startswith(f"profile of step 2, rank {rank}")
+        assert "block0_" in text and "sorted by cpu_time_total" in text

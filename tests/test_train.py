@@ -168,7 +168,7 @@ def test_watchdog_dumps_stacks_of_a_slow_step(tmp_path, capfd):
     main(["parallel=single", "train.steps=1", "train.watchdog_s=0.02", f"run_dir={tmp_path}",
           "train.seq_len=256"] + FAST)
     err = capfd.readouterr().err
-    assert "most recent call first" in err and "loop.py" in err
+    assert "lsp watchdog (rank 0): step 1 has run over 0.02 s" in err and "loop.py" in err
 
 
 def test_profile_step_writes_a_per_rank_table(tmp_path):
@@ -178,3 +178,19 @@ def test_profile_step_writes_a_per_rank_table(tmp_path):
         text = (tmp_path / f"profile_rank{rank}.txt").read_text()
         assert text.startswith(f"profile of step 2, rank {rank}")
         assert "block0_" in text and "sorted by cpu_time_total" in text
+
+
+def test_step_watchdog_fires_only_while_armed(capsys):
+    import time
+
+    from lsp.train.watchdog import StepWatchdog
+
+    wd = StepWatchdog(0.05)
+    wd.arm(7)
+    time.sleep(0.3)  # a "slow step": this frame is in the dump
+    wd.disarm()
+    first = capsys.readouterr().err
+    time.sleep(0.2)  # disarmed: nothing more
+    wd.close()
+    assert "step 7 has run over 0.05 s" in first and "test_step_watchdog_fires_only" in first
+    assert capsys.readouterr().err == ""

@@ -16,10 +16,8 @@ all GPUs, DP = 1) have nothing to shard; it is not wired in yet.
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
-import sys
 import resource
 import time
 from pathlib import Path
@@ -311,10 +309,14 @@ def train(cfg) -> dict | None:
     t_last, steps_since = time.perf_counter(), 0
     sp_mod.exchange_timer.reset()
     profile_step = tr.get("profile_step")
-    watchdog_s = tr.get("watchdog_s")
+    watchdog = None
+    if tr.get("watchdog_s"):  # a step slower than this prints every thread's stack (hangs)
+        from lsp.train.watchdog import StepWatchdog
+
+        watchdog = StepWatchdog(tr.watchdog_s, f" (rank {rank})")
     for step in range(start_step, min(tr.steps, stop_at)):
-        if watchdog_s:  # a step slower than this dumps every thread's Python stack (hang hunting)
-            faulthandler.dump_traceback_later(watchdog_s, repeat=True, file=sys.stderr)
+        if watchdog is not None:
+            watchdog.arm(step + 1)
         prof = None
         if profile_step is not None and step + 1 == profile_step:
             prof = _start_profiler(device)
@@ -350,8 +352,8 @@ def train(cfg) -> dict | None:
         # the first step has checked on every rank that the SP calls agree (shapes, methods);
         # shapes are static from here on, so drop that per-call collective (a host sync on NCCL)
         ctx.sp_check = False
-        if watchdog_s:
-            faulthandler.cancel_dump_traceback_later()
+        if watchdog is not None:
+            watchdog.disarm()
         steps_since += 1
         done = step + 1
         if done % tr.log_interval == 0 or done == tr.steps:
@@ -380,6 +382,8 @@ def train(cfg) -> dict | None:
                                   "samples_consumed": done * gbatch}, keep_last=tr.keep_last)
             t_last = time.perf_counter()  # keep checkpoint time out of the step timing
     logger.close()
+    if watchdog is not None:
+        watchdog.close()
     summary = None
     if rank == 0:
         summary = {"name": cfg.name, "steps": len(history) and history[-1]["step"],

@@ -52,8 +52,8 @@ def one_process_losses(tmp_path_factory):
 
 # cp2+ckpt: the 1M-context experiment's memory options (activation checkpointing with attention
 # outputs kept, MoM one memory at a time) under CP, where rank 1's attention is lower-right masked
-CKPT = ["parallel.activation_checkpointing=true", "+model.mom_memory_checkpointing=true",
-        "+model.conv_checkpointing=true"]
+CKPT = ["parallel.activation_checkpointing=true", "model.mom_memory_checkpointing=true",
+        "model.conv_checkpointing=true"]
 
 
 @pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt"])

@@ -194,3 +194,15 @@ def test_step_watchdog_fires_only_while_armed(capsys):
     wd.close()
     assert "step 7 has run over 0.05 s" in first and "test_step_watchdog_fires_only" in first
     assert capsys.readouterr().err == ""
+
+
+def test_the_1m_experiment_composes_and_validates_for_two_ranks():
+    from lsp.train.loop import validate_config
+
+    cfg = compose(["experiment=1m_context_2gpu"])
+    assert cfg.train.seq_len == 1048576 and cfg.parallel.cp == 2
+    assert not cfg.model.fp32_residual_connection and cfg.model.mom_memory_checkpointing
+    _, mcfg, dp, gbatch, accum = validate_config(cfg, 2)
+    assert (dp, gbatch, accum) == (1, 1, 1) and mcfg.pattern.count("S") == 2
+    with pytest.raises(ValueError, match="not divisible"):
+        validate_config(cfg, 3)  # 3 ranks cannot hold CP=2

@@ -68,9 +68,11 @@ def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    causal: bool, state: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of one block given the output and log-sum-exp of the merged attention."""
     if q.is_cuda:
+        # q, k, v, out, do may be strided views along the sequence (the kernel takes strides);
+        # the log-sum-exp is indexed as a dense [B, H, Tq] array
         cq, ck, mq, mk, seed, offset = state
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset)
+            do, q, k, v, out, lse.contiguous(), cq, ck, mq, mk, 0.0, causal, seed, offset)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
         lse.contiguous(), 0.0, causal)

@@ -1,20 +1,32 @@
-"""Run a function on P simulated ranks: spawned CPU processes in one gloo process group.
+"""Run a function on P simulated ranks: CPU processes in one gloo process group (the one spawner
+of the test suite).
 
 ``run_ranks(fn, P, *args)`` starts P processes, initialises ``torch.distributed`` with the gloo
 backend through a fresh file store, calls ``fn(rank, P, *args)`` on each and returns the list of
-their return values in rank order. An exception on any rank, or a rank that does not finish
-within ``timeout`` seconds (a hang), fails the caller with the ranks' tracebacks; stragglers are
-killed, so a broken collective cannot wedge the test suite.
+their return values in rank order. Return values travel serialised with ``torch.save`` (a tensor
+put on a queue as is would be shared through a file descriptor of a process that may have exited).
+An exception on any rank fails the caller with the tracebacks of the ranks that failed (after a
+short grace period for the others to report); a rank that does not finish within ``timeout``
+seconds (a hang) fails it too; stragglers are killed, so a broken collective cannot wedge the
+suite.
+
+``start="spawn"`` (default) starts clean interpreters; ``start="fork"`` reuses the parent's
+imports (torch, megatron), so a rank starts in milliseconds: the layer and model tests use it
+through ``model_harness.run_ranks``.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from datetime import timedelta
+
+ERROR_GRACE_S = 3.0  # after a rank fails, how long the others get to report before being killed
 
 
 def _entry(fn, rank, P, store_path, args, results, collective_timeout):
@@ -26,7 +38,9 @@ def _entry(fn, rank, P, store_path, args, results, collective_timeout):
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                                 world_size=P, timeout=timedelta(seconds=collective_timeout))
         out = fn(rank, P, *args)
-        results.put((rank, "ok", out))
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything, including assertion errors inside fn
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -37,9 +51,12 @@ def _entry(fn, rank, P, store_path, args, results, collective_timeout):
                 pass
 
 
-def run_ranks(fn, P: int, *args, timeout: float = 240.0, collective_timeout: float = 60.0):
+def run_ranks(fn, P: int, *args, timeout: float = 300.0, collective_timeout: float = 120.0,
+              start: str = "spawn"):
     """``[fn(0, P, *args), ..., fn(P-1, P, *args)]`` computed on P gloo ranks."""
-    ctx = mp.get_context("spawn")
+    import torch
+
+    ctx = mp.get_context(start)
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -49,23 +66,31 @@ def run_ranks(fn, P: int, *args, timeout: float = 240.0, collective_timeout: flo
         for p in procs:
             p.start()
         got: dict[int, tuple[str, object]] = {}
+        deadline = time.monotonic() + timeout
         try:
             while len(got) < P:
-                rank, status, out = results.get(timeout=timeout)
+                try:
+                    rank, status, out = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    if any(s == "error" for s, _ in got.values()):
+                        break  # a rank failed; the rest are stuck in a collective
+                    missing = sorted(set(range(P)) - set(got))
+                    raise AssertionError(
+                        f"ranks {missing} of {P} did not finish within {timeout}s (hang?)"
+                    ) from None
                 got[rank] = (status, out)
-        except queue.Empty:
-            missing = sorted(set(range(P)) - set(got))
-            errors = {r: o for r, (s, o) in got.items() if s == "error"}
-            raise AssertionError(
-                f"ranks {missing} of {P} did not finish within {timeout}s (hang?); "
-                f"errors on other ranks: {errors}"
-            ) from None
+                if status == "error":
+                    deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
         finally:
             for p in procs:
-                p.join(timeout=10)
+                p.join(timeout=2 if len(got) < P else 10)
                 if p.is_alive():
                     p.kill()
+                    p.join()
     errors = {r: o for r, (s, o) in got.items() if s == "error"}
     if errors:
-        raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [got[r][1] for r in range(P)]
+        missing = sorted(set(range(P)) - set(got))
+        tail = f"\n(ranks {missing} were stopped after the failure)" if missing else ""
+        raise AssertionError(
+            "\n".join(f"--- rank {r} failed ---\n{tb}" for r, tb in sorted(errors.items())) + tail)
+    return [torch.load(io.BytesIO(got[r][1]), weights_only=False) for r in range(P)]

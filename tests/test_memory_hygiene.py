@@ -214,3 +214,43 @@ def test_conv_recompute_keeps_only_its_input_and_gives_the_same_gradients():
     assert torch.allclose(dx0, dx1, rtol=1e-12, atol=0) and torch.allclose(dw0, dw1, rtol=1e-12)
     # the input and the (zero) halo rows instead of the padded copy and the pre-activation output
     assert saved1 <= x.nbytes + 2 * 3 * 12 * 8 and saved0 >= 2 * x.nbytes
+
+
+def _offload_rank(rank, world):
+    from lsp.model import DecoderLM, ModelConfig, split_batch
+    from lsp.parallel.topology import destroy_topology, init_topology
+    from lsp.train import loop
+
+    packed = []
+
+    def spy_hooks():  # what the offload hooks see: one tensor, the block input, per block
+        return torch.autograd.graph.saved_tensors_hooks(
+            lambda t: packed.append(tuple(t.shape)) or t.to("cpu", copy=True), lambda t: t)
+
+    loop._offload_hooks = spy_hooks
+    topo = init_topology(1, world, 1)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GMS", num_heads=2, head_dim=16,
+                      ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32,
+                      mom_num_memories=2, mom_topk=1, mom_memory_checkpointing=True,
+                      conv_checkpointing=True)
+    ids = split_batch(torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0)),
+                      ParallelContext(topo))
+    grads = []
+    for offload in (False, True):
+        model = DecoderLM(cfg, ParallelContext(topo, backend="torch"), seed=3)
+        if offload:
+            loop.apply_activation_checkpointing(model, save_attention=True, offload=True)
+        model(ids, ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+    destroy_topology()
+    return packed, same
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_offloaded_checkpoints_keep_only_block_inputs_and_give_the_same_gradients(world):
+    # the G and M blocks go through the offload hooks with their input [T, B, D] alone; the S
+    # block keeps its attention outputs on the device instead
+    for packed, same in H.run_ranks(_offload_rank, world):
+        assert same
+        assert packed == [(24 // world, 1, 32)] * 2

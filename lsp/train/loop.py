@@ -86,7 +86,21 @@ def _save_attention_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(model, save_attention: bool = True) -> None:
+def _offload_hooks():
+    """Saved-tensor hooks that move what they save to host memory (pinned on CUDA)."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
+def _offloaded_checkpoint(fn, x):
+    """torch's reentrant checkpoint keeps its input through ``save_for_backward``, so the
+    offload hooks move it to host memory until the block's backward brings it back; the block
+    itself runs without saving anything in forward."""
+    with _offload_hooks():
+        return checkpoint(fn, x, use_reentrant=True)
+
+
+def apply_activation_checkpointing(model, save_attention: bool = True,
+                                   offload: bool = False) -> None:
     """Recompute each block in backward instead of keeping its activations (from outside).
 
     ``early_stop=False``: the recomputation runs the whole block, so that code after the last
@@ -95,13 +109,20 @@ def apply_activation_checkpointing(model, save_attention: bool = True) -> None:
     ``save_attention``: in softmax-attention blocks keep the attention kernel's outputs rather
     than run it again: at long context it is the most expensive op of the model (quadratic), and
     recomputing it cost one more attention forward per layer and step.
+    ``offload``: keep each block's input (what checkpointing retains: 1 GB per block at 512K
+    tokens and hidden 1024 in bf16) in host memory, copied back for the block's backward; the
+    blocks whose attention outputs are kept stay on the device.
     """
     from lsp.layers import SoftmaxAttention
 
     for block in model.blocks:
         inner = block.forward
+        keep_attention = save_attention and isinstance(block.mixer, SoftmaxAttention)
+        if offload and not keep_attention:
+            block.forward = lambda x, _f=inner: _offloaded_checkpoint(_f, x)
+            continue
         kw = dict(use_reentrant=False, early_stop=False)
-        if save_attention and isinstance(block.mixer, SoftmaxAttention):
+        if keep_attention:
             kw["context_fn"] = _save_attention_context
         block.forward = lambda x, _f=inner, _kw=kw: checkpoint(_f, x, **_kw)
 
@@ -273,7 +294,8 @@ def train(cfg) -> dict | None:
                           cp_attention_balance=par.get("attention_load_balance", False))
     model = DecoderLM(mcfg, ctx).to(device)
     if par.activation_checkpointing:
-        apply_activation_checkpointing(model, par.get("checkpoint_save_attention", True))
+        apply_activation_checkpointing(model, par.get("checkpoint_save_attention", True),
+                                       par.get("offload_checkpoints", False))
     opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=(tr.beta1, tr.beta2),
                             eps=tr.eps, weight_decay=tr.weight_decay,
                             fused=device.type == "cuda")

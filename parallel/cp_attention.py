@@ -130,12 +130,12 @@ class _BalancedAttention(torch.autograd.Function):
             parts.setdefault((rows.start, rows.stop), []).append((o, lse))
             saved.append((rows, keys, causal, st))
         # the partner's moved rows (we are lo) against the partner's full blocks
-        q_in = o_in = lse_in = st_in = None
+        q_in = st_in = None
         if n_in:
             q_in = q.new_empty(B, H, n_in, d)
             _exchange(group, p, [], [q_in])
             o_in, lse_in, st_in = flash_forward(q_in, K[:, :, : p * T], V[:, :, : p * T], False)
-            _exchange(group, p, [o_in, lse_in.to(_acc(q.dtype))], [])
+            _exchange(group, p, [o_in, lse_in], [])  # lse: float32 (float64) from the kernel
         elif n_out:
             o_far = q.new_empty(B, H, n_out, d)
             lse_far = torch.empty(B, H, n_out, dtype=_acc(q.dtype), device=q.device)
@@ -151,44 +151,44 @@ class _BalancedAttention(torch.autograd.Function):
         lse = torch.cat(lses, dim=2) if len(lses) > 1 else lses[0]
         ctx.group, ctx.blocks, ctx.n = group, saved, (n_out, n_in, p)
         ctx.st_in = st_in
-        ctx.save_for_backward(q, K, V, out, lse, q_in, o_in, lse_in)
+        ctx.save_for_backward(q, K, V, out, lse, q_in)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, K, V, out, lse, q_in, o_in, lse_in = ctx.saved_tensors
+        q, K, V, out, lse, q_in = ctx.saved_tensors
         n_out, n_in, p = ctx.n
         T = q.shape[2]
         do = do.contiguous()
         # gradients accumulate in the inputs' dtype: a key block gets at most three partials,
         # each already rounded to that dtype by the flash backward (float32 buffers would be 4 GB
         # more per tensor at 1M keys)
-        acc = q.dtype
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dK = torch.zeros(K.shape, dtype=acc, device=K.device)
-        dV = torch.zeros(V.shape, dtype=acc, device=V.device)
+        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        dK = torch.zeros(K.shape, dtype=K.dtype, device=K.device)
+        dV = torch.zeros(V.shape, dtype=V.dtype, device=V.device)
         for rows, keys, causal, st in ctx.blocks:
             g = flash_backward(do[:, :, rows], q[:, :, rows], K[:, :, keys], V[:, :, keys],
                                out[:, :, rows], lse[:, :, rows], causal, st)
-            dq[:, :, rows] += g[0].to(acc)
-            dK[:, :, keys] += g[1].to(acc)
-            dV[:, :, keys] += g[2].to(acc)
+            dq[:, :, rows] += g[0]
+            dK[:, :, keys] += g[1]
+            dV[:, :, keys] += g[2]
         if n_in:  # lo: the partner's rows, with the partner's merged output and lse
             do_in = torch.empty_like(q_in)
             o_merged = torch.empty_like(q_in)
-            lse_merged = torch.empty(lse_in.shape, dtype=acc, device=q.device)
+            # the log-sum-exp travels in the accumulation dtype (float32 for bf16 inputs)
+            lse_merged = q_in.new_empty(q_in.shape[:3], dtype=_acc(q.dtype))
             _exchange(ctx.group, p, [], [do_in, o_merged, lse_merged])
             pt = p * T
             g = flash_backward(do_in, q_in, K[:, :, :pt], V[:, :, :pt], o_merged, lse_merged,
                                False, ctx.st_in)
-            dK[:, :, :pt] += g[1].to(acc)
-            dV[:, :, :pt] += g[2].to(acc)
+            dK[:, :, :pt] += g[1]
+            dV[:, :, :pt] += g[2]
             _exchange(ctx.group, p, [g[0]], [])
         elif n_out:  # hi: the moved rows' gradient comes back from the partner
             _exchange(ctx.group, p, [do[:, :, :n_out], out[:, :, :n_out], lse[:, :, :n_out]], [])
             dq_far = q.new_empty(q.shape[:2] + (n_out, q.shape[3]))
             _exchange(ctx.group, p, [], [dq_far])
-            dq[:, :, :n_out] += dq_far.to(acc)
+            dq[:, :, :n_out] += dq_far
         return dq, dK, dV, None
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lsp.layers.common import wide
 from lsp.layers.context import ParallelContext, head_parameter, replicated_parameter
 
 __all__ = ["RMSNorm", "HeadRMSNorm", "rms_norm"]
@@ -24,7 +25,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = wide(x)
         r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, r)
         return (xf * r * weight.to(xf.dtype)).to(x.dtype)
@@ -32,8 +33,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, r = ctx.saved_tensors
-        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        xhat = xf * r
+        xhat = wide(x) * r
         dyf = dy.to(xhat.dtype)
         dw = None
         if ctx.needs_input_grad[1]:

@@ -6,6 +6,8 @@ GEMM (a [T, 1, K] view with a stray stride made megatron's matmul run T row prod
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -143,16 +145,40 @@ def test_residual_stream_dtype_under_autocast(fp32_residual):
     assert torch.isfinite(out.loss)
 
 
-def _sac_rank(rank, world, save_attention):
-    from lsp.model import DecoderLM, ModelConfig, split_batch
-    from lsp.parallel.topology import destroy_topology, init_topology
-    from lsp.train.loop import _attention_ops, apply_activation_checkpointing
+def _tiny_moe_model_cfg(**kw):
+    from lsp.model import ModelConfig
 
-    topo = init_topology(1, 1, 1)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GS", num_heads=2, head_dim=16,
-                      ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32)
-    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0))
+    return ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, head_dim=16,
+                       ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32,
+                       **kw)
+
+
+def _grads_without_and_with(world, cfg, prepare, mode=None):
+    """On a CP=``world`` topology: parameter gradients of one step of ``cfg`` without
+    checkpointing and with ``prepare(model)`` applied (inside the dispatch mode ``mode`` if
+    given); returns whether they agree."""
+    from lsp.model import DecoderLM, split_batch
+    from lsp.parallel.topology import destroy_topology, init_topology
+
+    topo = init_topology(1, world, 1)
+    ids = split_batch(torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0)),
+                      ParallelContext(topo))
+    grads = []
+    for checkpointed in (False, True):
+        model = DecoderLM(cfg, ParallelContext(topo, backend="torch"), seed=3)
+        if checkpointed:
+            prepare(model)
+        with mode() if (mode and checkpointed) else contextlib.nullcontext():
+            model(ids, ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    destroy_topology()
+    return all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+def _sac_rank(rank, world, save_attention):
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lsp.train.loop import _attention_ops, apply_activation_checkpointing
 
     attention = _attention_ops()
 
@@ -165,19 +191,10 @@ def _sac_rank(rank, world, save_attention):
             CountKernelRuns.n += func in attention
             return func(*args, **(kwargs or {}))
 
-    grads = []
-    for ckpt in (False, True):
-        model = DecoderLM(cfg, ParallelContext(topo, backend="torch"), seed=3)
-        if ckpt:
-            apply_activation_checkpointing(model, save_attention)
-        CountKernelRuns.n = 0
-        with CountKernelRuns():
-            model(ids, ids).loss.backward()
-        grads.append([p.grad for p in model.parameters()])
-    calls = CountKernelRuns.n
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
-    destroy_topology()
-    return calls, same
+    same = _grads_without_and_with(
+        world, _tiny_moe_model_cfg(pattern="GS"),
+        lambda model: apply_activation_checkpointing(model, save_attention), CountKernelRuns)
+    return CountKernelRuns.n, same
 
 
 @pytest.mark.parametrize("save_attention,calls", [(True, 1), (False, 2)])
@@ -188,7 +205,7 @@ def test_checkpointing_keeps_attention_outputs_instead_of_recomputing(save_atten
 
 
 def test_selective_checkpointing_under_context_parallelism():
-    # rank 1's queries see a key prefix twice their length (lower-right causal mask)
+    # CP=2: rank 1's queries see a key prefix twice their length (lower-right causal mask)
     results = H.run_ranks(_sac_rank, 2, True)
     assert [same for _, same in results] == [True, True]
 
@@ -217,8 +234,6 @@ def test_conv_recompute_keeps_only_its_input_and_gives_the_same_gradients():
 
 
 def _offload_rank(rank, world):
-    from lsp.model import DecoderLM, ModelConfig, split_batch
-    from lsp.parallel.topology import destroy_topology, init_topology
     from lsp.train import loop
 
     packed = []
@@ -228,22 +243,10 @@ def _offload_rank(rank, world):
             lambda t: packed.append(tuple(t.shape)) or t.to("cpu", copy=True), lambda t: t)
 
     loop._offload_hooks = spy_hooks
-    topo = init_topology(1, world, 1)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GMS", num_heads=2, head_dim=16,
-                      ffn_hidden_size=64, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32,
-                      mom_num_memories=2, mom_topk=1, mom_memory_checkpointing=True,
-                      conv_checkpointing=True)
-    ids = split_batch(torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(0)),
-                      ParallelContext(topo))
-    grads = []
-    for offload in (False, True):
-        model = DecoderLM(cfg, ParallelContext(topo, backend="torch"), seed=3)
-        if offload:
-            loop.apply_activation_checkpointing(model, save_attention=True, offload=True)
-        model(ids, ids).loss.backward()
-        grads.append([p.grad for p in model.parameters()])
-    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
-    destroy_topology()
+    cfg = _tiny_moe_model_cfg(pattern="GMS", mom_num_memories=2, mom_topk=1,
+                              mom_memory_checkpointing=True, conv_checkpointing=True)
+    same = _grads_without_and_with(
+        world, cfg, lambda model: loop.apply_activation_checkpointing(model, True, offload=True))
     return packed, same
 
 

@@ -35,6 +35,9 @@ def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
     for field in ("loss", "lr", "grad_norm", "tokens_per_s", "exchange_share", "peak_mem_gb"):
         assert all(r[field] is not None and r[field] == r[field] for r in rows), field
     assert 0 < rows[-1]["exchange_share"] < 1  # CP=2: some time is spent exchanging states
+    per_rank = rows[-1]["peak_mem_gb_per_rank"]  # every GPU's peak, not rank 0's alone
+    assert len(per_rank) == 2 and all(v > 0 for v in per_rank)
+    assert rows[-1]["peak_mem_gb"] == max(per_rank)
     assert "valid_loss" in rows[-1]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "cp: 2" in (run / "config.yaml").read_text()

@@ -203,6 +203,15 @@ def _peak_mem_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # host RSS (KiB on Linux)
 
 
+def _peak_mem_per_rank(device) -> list[float]:
+    """Every rank's peak memory (GiB), gathered: under CP the ranks differ (the last rank's
+    softmax attention sees the most keys), and the target is per GPU."""
+    mine = torch.tensor([_peak_mem_gb(device)], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [round(float(t), 3) for t in parts]
+
+
 @torch.no_grad()
 def evaluate(model, samples, cfg, topo, device, autocast) -> dict:
     """Validation loss (stream data) or recall accuracy (MQAR) on held-out samples."""
@@ -389,7 +398,8 @@ def train(cfg) -> dict | None:
                    "step_time_s": step_time, "tokens_per_s": tps,
                    "mfu": None if peak is None else tps * flops_tok / (peak * 1e12 * world),
                    "exchange_share": exch / step_time if par.cp > 1 else 0.0,
-                   "peak_mem_gb": _peak_mem_gb(device)}
+                   "peak_mem_gb": None, "peak_mem_gb_per_rank": _peak_mem_per_rank(device)}
+            row["peak_mem_gb"] = max(row["peak_mem_gb_per_rank"])
             if tr.eval_interval and (done % tr.eval_interval == 0 or done == tr.steps):
                 if eval_samples is None:
                     eval_samples = build_samples(cfg.data, tr.seq_len, cfg.seed, "valid")

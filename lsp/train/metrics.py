@@ -39,8 +39,8 @@ class RunLogger:
                     self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.flush()
         parts = [f"step {step:>6}"]
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "exchange_share", "peak_mem_gb",
-                  "accuracy", "valid_loss"):
+        for k in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "mfu", "exchange_share",
+                  "peak_mem_gb", "peak_mem_gb_per_rank", "accuracy", "valid_loss"):
             if k in fields and fields[k] is not None:
                 v = fields[k]
                 parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")

@@ -33,6 +33,30 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.distributed.*deprecated.*")
 
 
+def train_launched_rank(train, cfg) -> None:
+    """Run ``train(cfg)`` on a rank started by torchrun or mpirun; a rank that fails prints its
+    traceback and exits with status 1 at once.
+
+    It must not go on to ``destroy_process_group``: under NCCL that waits for peers which are
+    blocked in a collective this rank will never join, so the run hangs and the error is never
+    printed (a CUDA out-of-memory on one rank looked like a silent stall this way). torchrun and
+    mpirun stop the other ranks when one exits non-zero.
+    """
+    import traceback
+
+    try:
+        train(cfg)
+    except BaseException:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
+        print(f"lsp-train: rank {rank} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def config_dir() -> str:
     return str(resources.files("lsp.configs"))
 
@@ -86,10 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         from lsp.train.loop import train
 
         init_from_environment(par.dist_backend, timeout_s=par.timeout_s)
-        try:
-            train(cfg)
-        finally:
-            dist.destroy_process_group()
+        train_launched_rank(train, cfg)
+        dist.destroy_process_group()
         return
 
     import torch

@@ -209,3 +209,32 @@ def test_the_1m_experiment_composes_and_validates_for_two_ranks():
     assert (dp, gbatch, accum) == (1, 1, 1) and mcfg.pattern.count("S") == 2
     with pytest.raises(ValueError, match="not divisible"):
         validate_config(cfg, 3)  # 3 ranks cannot hold CP=2
+
+
+def test_a_failing_launched_rank_prints_its_error_and_exits_at_once(tmp_path):
+    """Under torchrun a failing rank must print its traceback and exit non-zero without waiting
+    for its peers (``destroy_process_group`` under NCCL hung on peers blocked in a collective,
+    and a CUDA out-of-memory on rank 1 looked like a silent stall)."""
+    code = ("from lsp.launch.train import train_launched_rank\n"
+            "def train(cfg):\n"
+            "    raise MemoryError('rank 1 ran out: ' + cfg)\n"
+            "train_launched_rank(train, 'boom')\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "MemoryError: rank 1 ran out: boom" in r.stderr and "failed" in r.stderr
+    assert "not reached" not in r.stdout
+
+
+def test_masked_attention_refuses_a_long_context_on_a_gpu():
+    """The materialised lower-right mask is for CPU and small GPU shapes; at long context on a
+    GPU it must name the problem rather than try to allocate T x S scores."""
+    from types import SimpleNamespace
+
+    from lsp.layers.attention import _check_small_mask
+
+    _check_small_mask(SimpleNamespace(is_cuda=True, shape=(1, 2, 64, 128), dtype="bf16"), 128)
+    q = SimpleNamespace(is_cuda=True, shape=(1, 16, 131072, 64), dtype="torch.float32")
+    with pytest.raises(ValueError, match="flash attention does not take these inputs"):
+        _check_small_mask(q, 262144)
+    _check_small_mask(SimpleNamespace(is_cuda=False, shape=(1, 16, 131072, 64)), 262144)

@@ -78,18 +78,37 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool 
         # ``causal_lower_right`` dispatch uses it); called directly because that CausalBias
         # tensor subclass breaks under selective activation checkpointing's dispatch mode
         o = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)[0]
-    else:  # CPU, fp32: materialised lower-right mask (query i sees keys j <= i + S - T)
+    else:  # CPU, or small fp32 on a GPU: materialised lower-right mask (query i sees j <= i+S-T)
+        _check_small_mask(q, S)
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2)
 
 
+# The materialised path scores every (query, key) pair in memory; above this many scores on a GPU
+# it would run out of memory at long context, so it refuses instead of trying.
+_MASKED_GPU_MAX_SCORES = 1 << 28
+
+
 def _flash_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether flash attention takes these inputs. Checked with ``is_causal=False``, as torch's
+    ``causal_lower_right`` dispatch does: torch's check refuses ``is_causal`` with more keys than
+    queries (its ``is_causal`` means upper-left), while the flash op itself aligns lower-right."""
     if not q.is_cuda:
         return False
     from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, False))
+    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, False))
+
+
+def _check_small_mask(q: Tensor, S: int) -> None:
+    B, H, T, d = q.shape
+    if q.is_cuda and B * H * T * S > _MASKED_GPU_MAX_SCORES:
+        raise ValueError(
+            f"softmax attention under context parallelism: flash attention does not take these "
+            f"inputs (dtype {q.dtype}, head_dim {d}, {T} queries over {S} keys), and the masked "
+            f"fallback would hold {B * H * T * S:,} scores; run in bf16/fp16 "
+            f"(train.precision=bf16) with head_dim a multiple of 8 up to 256")
 
 
 class SoftmaxAttention(nn.Module):

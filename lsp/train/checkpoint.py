@@ -203,6 +203,16 @@ def check_compatible(meta: dict, model_cfg: dict, path: Path) -> None:
                          "model config or start a new run_dir")
 
 
+def _step_on_param_device(optimizer, p) -> bool:
+    """Whether ``p``'s optimizer keeps its ``step`` count on the parameter's device, as torch's
+    ``Optimizer.load_state_dict`` places it: fused and capturable Adam(W) need it there (a CPU
+    step makes the fused CUDA kernel refuse, 'state_steps is on cpu'); others keep it on CPU."""
+    for group in optimizer.param_groups:
+        if any(q is p for q in group["params"]):
+            return bool(group.get("fused") or group.get("capturable"))
+    return False
+
+
 @torch.no_grad()
 def load_checkpoint(path: Path, model, optimizer, topo) -> dict:
     """Load ``path`` into this rank's shard of ``model`` and ``optimizer``; returns meta."""
@@ -229,10 +239,13 @@ def load_checkpoint(path: Path, model, optimizer, topo) -> dict:
         if not keys:
             continue
         state = {}
+        on_device = _step_on_param_device(optimizer, p)
         for k in keys:
             vals = [optim[f"{g}::{k}"] for g, _ in views]
             if vals[0].dim() == 0:
                 state[k] = vals[0].clone()
+                if k == "step" and on_device:
+                    state[k] = state[k].to(device=p.device, dtype=torch.float32)
                 continue
             buf = torch.empty_like(p.data, dtype=vals[0].dtype)
             for (g, how), v in zip(views, vals):

@@ -6,7 +6,8 @@ correctness cases exercise, which agree with the float64 oracle to ~1e-6). The r
 of every output is then only the input-dtype rounding of the kernel's own intermediates
 (~5e-4 fp16, ~4e-3 bf16); a kernel far above that is miscompiled. ``--warps W`` additionally
 reruns every kernel at ``num_warps=W`` (results of that rerun replace the default ones, so the
-end-to-end errors printed at the end are those of the variant).
+end-to-end errors printed at the end are those of the variant). The twin and the variant run at
+``num_stages=1``; the checked launch runs as the library launches it (pipelined where it is).
 
     python -m lsp.launch.kernel_twin_check --family delta_rule --gate vector --dtype fp16 \
         [--warps 2] [--out twin.json]

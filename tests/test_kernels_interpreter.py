@@ -247,9 +247,12 @@ def test_grad_kernel_launch_warps(monkeypatch):
     seen = {}
     orig = kchunk.launch
 
+    stages = {}
+
     def spy(kernel, grid, *a, num_warps, **kw):
-        seen.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), set()).add(
-            (kw.get("BK"), num_warps))
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+        seen.setdefault(name, set()).add((kw.get("BK"), num_warps))
+        stages.setdefault(name, set()).add(kw.get("num_stages", 2))
         return orig(kernel, grid, *a, num_warps=num_warps, **kw)
 
     monkeypatch.setattr(kchunk, "launch", spy)
@@ -261,3 +264,5 @@ def test_grad_kernel_launch_warps(monkeypatch):
     for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike
         assert seen[name] == {(32, 4), (64, 4)}, (name, seen[name])
     assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8
+    # and unpipelined: its num_stages=2 sm_90 build returned a wrong dw (kchunk.GRAD_KERNEL_STAGES)
+    assert stages["grad_kernel"] == {1}

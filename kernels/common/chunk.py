@@ -131,6 +131,17 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
     return X
 
 
+# ``grad_kernel`` runs without software pipelining. On an H200 (Triton 3.6, sm_90, commit
+# fc628ae) its pipelined build (num_stages=2) at BK = 64, 4 warps, returned a ``dw`` 16% away from
+# the same launch rerun at num_stages=1 (float32 inputs, ieee dots), while its other outputs agreed
+# to 2e-7..2e-3 (launch/kernel_twin_check.py, Gated DeltaNet bf16 K = 64). dw = -dr @ h^T has
+# exact bf16 products, so that is not rounding; earlier runs saw it change from run to run, as a
+# missing wait on an asynchronous Hopper dot would. Every rerun that agreed with the twin (the
+# "2 or 4 warps" variants of an earlier session) was at num_stages=1. The kernel's only loop is
+# over V blocks (2 at V = 128): pipelining it gains little.
+GRAD_KERNEL_STAGES = 1
+
+
 def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
     ds_start = torch.empty(cfg.B, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
                            device=q.device)
@@ -233,7 +244,7 @@ class ChunkFunction(torch.autograd.Function):
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
             dG, dGl, dg if dg is not None else dq, dAqk, scale, T, NT, GATE=cfg.gate,
             DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK),
-            **cfg.consts())
+            num_stages=GRAD_KERNEL_STAGES, **cfg.consts())
         del h, dh
         if vec:
             pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG)

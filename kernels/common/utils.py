@@ -85,6 +85,12 @@ def grad_num_warps(BK: int) -> int:
     and ``dg`` through the WY backward, which is why Gated DeltaNet and the per-channel-gated
     delta rule missed the 1e-2 bound in bf16 *and* fp16 at K = 64 (found with
     ``launch/kernel_twin_check.py``). ``BK = 128`` at 8 warps was checked correct.
+
+    Caveat found later: those agreeing 2- and 4-warp reruns were all at ``num_stages=1`` (the
+    twin check reruns every launch unpipelined), and at fc628ae the pipelined 4-warp build still
+    gave ``dw`` 16% off. So the pipelining, not the warp count, is the likelier cause;
+    ``grad_kernel`` now runs at ``num_stages=1`` (``chunk.GRAD_KERNEL_STAGES``). Not yet rerun on
+    a GPU in this setting.
     """
     return 4 if BK <= 64 else 8
 

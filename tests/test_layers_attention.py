@@ -36,13 +36,14 @@ def _unsharded():
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def _rank(rank, world, balance=False, dtype=torch.float64):
+def _rank(rank, world, balance=False, dtype=torch.float64, overlap=False):
     topo = init_topology(cp=world)
     t = T // world
     sl = slice(rank * t, (rank + 1) * t)
     q, k, v, do = (x[:, sl].to(dtype).requires_grad_() for x in _inputs())
     pos = rank * t + torch.arange(t)
-    o = causal_attention(apply_rope(q, pos), apply_rope(k, pos), v, topo.cp_group, balance)
+    o = causal_attention(apply_rope(q, pos), apply_rope(k, pos), v, topo.cp_group, balance,
+                         overlap)
     (o * do.detach()).sum().backward()
     return o.detach(), q.grad, k.grad, v.grad
 
@@ -59,22 +60,25 @@ def test_softmax_attention_under_cp_equals_unsharded_causal_attention(world):
         assert torch.allclose(got, ref[i], rtol=0, atol=1e-12), name
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_balanced_attention_under_cp_equals_unsharded_causal_attention(world):
+def test_balanced_attention_under_cp_equals_unsharded_causal_attention(world, overlap):
     # the busier rank of each pair (r, P-1-r) hands query rows to its partner: outputs and
-    # every gradient still equal plain causal attention over the whole sequence (float64)
+    # every gradient still equal plain causal attention over the whole sequence (float64),
+    # whether the exchange runs after each rank's own blocks or alongside them
     ref = _unsharded()
-    out = H.run_ranks(_rank, world, True)
+    out = H.run_ranks(_rank, world, True, torch.float64, overlap)
     for i, name in enumerate(["o", "dq", "dk", "dv"]):
         got = torch.cat([o[i] for o in out], dim=1)
         assert torch.allclose(got, ref[i], rtol=0, atol=1e-10), name
 
 
-def test_balanced_attention_in_bfloat16():
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+def test_balanced_attention_in_bfloat16(overlap):
     # bf16 inputs with float32 log-sum-exp crossing between the partners (a buffer of the
     # wrong dtype on either side breaks the exchange); bf16 rounding against float64
     ref = _unsharded()
-    out = H.run_ranks(_rank, 2, True, torch.bfloat16)
+    out = H.run_ranks(_rank, 2, True, torch.bfloat16, overlap)
     for i, name in enumerate(["o", "dq", "dk", "dv"]):
         got = torch.cat([o[i] for o in out], dim=1).double()
         assert (got - ref[i]).norm() / ref[i].norm() < 2e-2, name
@@ -100,3 +104,10 @@ def test_rope_is_a_rotation_by_relative_position():
     assert torch.allclose(apply_rope(q, torch.tensor([5])).norm(), q.norm())
     with pytest.raises(ValueError, match="even head_dim"):
         apply_rope(torch.zeros(1, 1, 1, 3), torch.tensor([0]))
+
+
+def test_overlap_without_balance_is_refused():
+    from lsp.layers.context import ParallelContext
+
+    with pytest.raises(ValueError, match="needs cp_attention_balance=True"):
+        ParallelContext(cp_attention_overlap=True)

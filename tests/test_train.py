@@ -59,11 +59,14 @@ CKPT = ["parallel.activation_checkpointing=true", "model.mom_memory_checkpointin
         "model.conv_checkpointing=true"]
 
 
-@pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt"])
+@pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt",
+                                    "cp2+overlap+ckpt"])
 def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
     extra = CKPT if layout.endswith("+ckpt") else []
-    if "+balance" in layout:  # softmax attention's work split evenly over the CP ranks
+    if "+balance" in layout or "+overlap" in layout:  # softmax attention's work split evenly
         extra = extra + ["parallel.attention_load_balance=true"]
+    if "+overlap" in layout:  # ... with its exchange alongside each rank's own blocks
+        extra = extra + ["parallel.attention_balance_overlap=true"]
     main([f"parallel={layout.split('+')[0]}", f"run_dir={tmp_path}"] + LAYOUT_ARGS + extra)
     got = losses(tmp_path)
     assert len(got) == 5

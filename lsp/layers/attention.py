@@ -42,14 +42,16 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool = False) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool = False,
+                     overlap: bool = False) -> Tensor:
     """Causal softmax attention of this CP rank's queries over the whole sequence so far.
 
     ``q``: ``[B, T, H, d]`` (this rank's contiguous slice), ``k, v``: ``[B, T, Hkv, d]``
     (same slice; ``Hkv`` divides ``H``); ``group``: the CP group (``None``: one rank);
     ``balance``: split the attention work evenly over the CP ranks
     (:func:`lsp.parallel.cp_attention.balanced_causal_attention`) instead of each rank scoring
-    its own queries (the last rank then does ``2P - 1`` times the first rank's work). Returns
+    its own queries (the last rank then does ``2P - 1`` times the first rank's work);
+    ``overlap``: the balanced exchange runs alongside each rank's own blocks. Returns
     ``[B, T, H, d]``, equal to the matching slice of causal attention over the whole sequence.
     """
     from lsp.parallel.seq_gather import all_gather_sequence
@@ -69,7 +71,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool 
     if multi and balance:
         from lsp.parallel.cp_attention import balanced_causal_attention
 
-        return balanced_causal_attention(q, k, v, group).transpose(1, 2)
+        return balanced_causal_attention(q, k, v, group, overlap).transpose(1, 2)
     S = k.shape[2]
     if S == T:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -155,5 +157,6 @@ class SoftmaxAttention(nn.Module):
         q = apply_rope(split_heads(self.q_proj(xb), self.d), pos, self.theta)
         k = apply_rope(split_heads(self.k_proj(xb), self.d), pos, self.theta)
         v = split_heads(self.v_proj(xb), self.d)
-        o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance)
+        o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance,
+                             self.ctx.cp_attention_overlap)
         return self.o_proj(merge_heads(o)), None

@@ -63,6 +63,9 @@ class ParallelContext:
         sp_num_blocks: All-Scan blocks (``None``: ``lsp.parallel``'s default).
         cp_attention_balance: softmax attention under CP splits its work evenly over the ranks
             (``lsp.parallel.cp_attention``) instead of each rank scoring its own queries.
+        cp_attention_overlap: with ``cp_attention_balance``, start the moved rows' exchange
+            before the rank's own blocks so that a pair works at once (see
+            ``balanced_causal_attention``); off: own blocks first, then the exchange.
     """
 
     topo: object | None = None
@@ -72,8 +75,13 @@ class ParallelContext:
     sp_check: bool = True
     sp_num_blocks: int | None = None
     cp_attention_balance: bool = False
+    cp_attention_overlap: bool = False
 
     def __post_init__(self):
+        if self.cp_attention_overlap and not self.cp_attention_balance:
+            raise ValueError("cp_attention_overlap=True overlaps the balanced attention's "
+                             "exchange; it needs cp_attention_balance=True "
+                             "(parallel.attention_load_balance=true)")
         if self.sp_method not in SP_METHODS:
             raise ValueError(
                 f"sp_method={self.sp_method!r} is not a sequence-parallel exchange method; "

@@ -300,7 +300,8 @@ def train(cfg) -> dict | None:
 
     topo = init_topology(par.tp, par.cp, par.ep)
     ctx = ParallelContext(topo, sp_method=par.sp_method, backend=par.get("op_backend", "auto"),
-                          cp_attention_balance=par.get("attention_load_balance", False))
+                          cp_attention_balance=par.get("attention_load_balance", False),
+                          cp_attention_overlap=par.get("attention_balance_overlap", False))
     model = DecoderLM(mcfg, ctx).to(device)
     if par.activation_checkpointing:
         apply_activation_checkpointing(model, par.get("checkpoint_save_attention", True),

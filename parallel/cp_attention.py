@@ -161,6 +161,9 @@ class _BalancedAttention(torch.autograd.Function):
             o_far = q.new_empty(B, H, n_out, d)
             lse_far = torch.empty(B, H, n_out, dtype=_acc(q.dtype), device=q.device)
             pending = _start(group, p, [q[:, :, :n_out]], [])
+            if not overlap:  # the serial order measured on the GPUs: send done before the receive
+                _finish(pending)
+                pending = []
             pending += _start(group, p, [], [o_far, lse_far])
         if overlap:  # the partner works on the moved rows while we score our own blocks
             own_blocks()
@@ -218,6 +221,9 @@ class _BalancedAttention(torch.autograd.Function):
         elif n_out:  # hi: the moved rows' gradient comes back from the partner
             pending = _start(ctx.group, p,
                              [do[:, :, :n_out], out[:, :, :n_out], lse[:, :, :n_out]], [])
+            if not ctx.overlap:
+                _finish(pending)
+                pending = []
             dq_far = q.new_empty(q.shape[:2] + (n_out, q.shape[3]))
             pending += _start(ctx.group, p, [], [dq_far])
         if ctx.overlap:  # the partner works on the moved rows while we run our own blocks

@@ -11,7 +11,9 @@ from torch import Tensor
 
 from lsp.layers.context import ParallelContext, head_parameter
 
-__all__ = ["ShortConvolution"]
+__all__ = ["CONV_BACKENDS", "ShortConvolution"]
+
+CONV_BACKENDS = ("torch", "triton")
 
 
 class ShortConvolution(nn.Module):
@@ -29,9 +31,15 @@ class ShortConvolution(nn.Module):
     convolution there (a nested activation checkpoint around everything after the halo
     exchange); the plain form keeps the padded input copy and the pre-activation output, two
     activations per convolution (3 GB per Gated DeltaNet layer at 512K tokens).
+
+    ``backend`` (attribute, default ``"torch"``): ``"triton"`` runs ``lsp.kernels.conv.short_conv``
+    on the ``[B, T, C]`` layout in place (no transposed copies; the activation fused; only the
+    padded input saved, so ``recompute`` has nothing left to save and is not applied). It needs
+    CUDA tensors (or Triton's interpreter, ``TRITON_INTERPRET=1``, in tests).
     """
 
     recompute: bool = False
+    backend: str = "torch"
 
     def __init__(self, channels: int, kernel_size: int, ctx: ParallelContext | None = None,
                  activation: str | None = "silu"):
@@ -53,8 +61,12 @@ class ShortConvolution(nn.Module):
         kernel); returns the same shape."""
         from lsp.parallel.halo import halo_exchange
 
+        if self.backend not in CONV_BACKENDS:
+            raise ValueError(f"ShortConvolution.backend={self.backend!r}: use one of {CONV_BACKENDS}")
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
+        if self.backend == "triton":
+            return self._conv_triton(x, halo, copies)
         if self.recompute and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -66,3 +78,15 @@ class ShortConvolution(nn.Module):
         weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
         y = F.conv1d(xp, weight.to(x.dtype), groups=weight.shape[0]).transpose(1, 2)
         return F.silu(y) if self.activation == "silu" else y
+
+    def _conv_triton(self, x: Tensor, halo: Tensor, copies: int) -> Tensor:
+        import os
+
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("conv_backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
+                             "Triton's CPU interpreter); use conv_backend='torch' on CPU")
+        from lsp.kernels.conv import short_conv
+
+        weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
+        xp = torch.cat([halo, x], dim=1)
+        return short_conv(xp, weight.view(weight.shape[0], -1), self.activation == "silu")

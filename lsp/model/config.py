@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lsp.layers.common import FEATURE_MAPS
+from lsp.layers.conv import CONV_BACKENDS
 from lsp.layers.context import SP_METHODS
 from lsp.layers.linear_attention import DECAYS, QK_NORMS
 
@@ -56,6 +57,7 @@ class ModelConfig:
     mom_aux_loss_coeff: float = 0.01
     mom_memory_checkpointing: bool = False  # one memory at a time, each checkpointed (long context)
     conv_checkpointing: bool = False  # short convolutions keep only their input (long context)
+    conv_backend: str = "torch"  # short convolutions: torch (conv1d) | triton (lsp.kernels.conv, [B,T,C] in place)
     # SoftmaxAttention ('S')
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0
@@ -136,6 +138,8 @@ def check_config(cfg: ModelConfig, tp: int = 1, cp: int = 1, ep: int = 1,
         raise ValueError(f"la_feature_map={cfg.la_feature_map!r}: use one of {FEATURE_MAPS}")
     if cfg.la_qk_norm not in QK_NORMS:
         raise ValueError(f"la_qk_norm={cfg.la_qk_norm!r}: use one of {QK_NORMS}")
+    if cfg.conv_backend not in CONV_BACKENDS:
+        raise ValueError(f"conv_backend={cfg.conv_backend!r}: use one of {CONV_BACKENDS}")
 
     if cfg.num_heads % tp:
         raise ValueError(

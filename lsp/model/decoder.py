@@ -169,6 +169,7 @@ class DecoderLM(nn.Module):
         for m in self.modules():
             if isinstance(m, ShortConvolution):
                 m.recompute = cfg.conv_checkpointing
+                m.backend = cfg.conv_backend
 
     def output_weight(self) -> Tensor:
         """This TP rank's vocabulary rows of the output head ``[V / tp, D]``."""

@@ -12,6 +12,8 @@ Layout, one folder per family as in flash-linear-attention:
   strings them together (``chunk.py``); block sizes and segment counts by rule (``utils.py``).
 - ``linear_attn/``: additive linear attention (``R = V``).
 - ``delta_net/``: the delta rule's WY form and its backward (``intra.py``).
+- ``conv/``: the layers' short causal depthwise convolution on the ``[B, T, C]`` layout
+  (``short_conv``; ``model.conv_backend=triton``).
 
 The per-token float64 oracles live beside the torch path in ``lsp/ops/*/naive.py``.
 """

@@ -153,44 +153,40 @@ class MixtureOfMemories(nn.Module):
     def _decay(self, a: Tensor) -> Tensor:
         return mamba_decay(a, self.A_log, self.dt_bias)
 
-    def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None) -> Tensor:
-        """Memory ``m`` over all tokens (``beta = 0``, ``log a = 0`` where ``mask`` is 0), times its
-        router weight ``w [B, T]`` (``None``: the shared memory). Returns ``[B, T, h, dv]``."""
-        dk, dv = self.dk, self.dv
-        k, v = self.k_proj[m](xb), self.v_proj[m](xb)
-        if self.use_short_conv:
-            k, v = self.k_conv(k), self.v_conv(v)
-        else:
-            k, v = F.silu(k), F.silu(v)
-        k, v = l2norm(split_heads(k, dk)), split_heads(v, dv)
-        keep = mask.unsqueeze(-1)  # [B, T, 1]
-        beta = torch.sigmoid(self.b_proj[m](xb))
-        beta = beta * keep.to(beta.dtype)
-        g = self._decay(self.a_proj[m](xb))
-        g = g * keep.to(g.dtype)
-        o = sequence_op(ops.delta_rule, q, k, v, beta, g, ctx=self.ctx)
-        return o if w is None else o * w[..., None, None].to(o.dtype)
-
-    def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
-        """All memories in one op call, stacked along the head axis (the dense form)."""
-        h, dk, dv, n = self.h, self.dk, self.dv, len(self.k_proj)
+    def _inputs(self, xb: Tensor, q: Tensor, mask: Tensor, idx: list[int]):
+        """The delta-rule inputs of memories ``idx``, stacked along the head axis:
+        ``q, k [B, T, n h, dk]``, ``v [B, T, n h, dv]``, ``beta, g [B, T, n h]`` with ``beta = 0``
+        and ``log a = 0`` where the memory's ``mask [B, T, n]`` is 0 (tokens not routed to it)."""
+        h, dk, dv, n = self.h, self.dk, self.dv, len(idx)
         B, T = xb.shape[:2]
-        k = torch.cat([p(xb) for p in self.k_proj], dim=-1)
-        v = torch.cat([p(xb) for p in self.v_proj], dim=-1)
+        k = torch.cat([self.k_proj[m](xb) for m in idx], dim=-1)
+        v = torch.cat([self.v_proj[m](xb) for m in idx], dim=-1)
         if self.use_short_conv:
             k, v = self.k_conv(k, copies=n), self.v_conv(v, copies=n)
         else:
             k, v = F.silu(k), F.silu(v)
-        qn = q.unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
+        qn = q if n == 1 else q.unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
         k = l2norm(k.reshape(B, T, n * h, dk))
         v = v.reshape(B, T, n * h, dv)
-        beta = torch.sigmoid(torch.stack([p(xb) for p in self.b_proj], dim=2))  # [B, T, n, h]
-        a = torch.stack([p(xb) for p in self.a_proj], dim=2)
-        g = self._decay(a)
-        beta = (beta * mask.unsqueeze(-1).to(beta.dtype)).reshape(B, T, n * h)
-        g = (g * mask.unsqueeze(-1).to(g.dtype)).reshape(B, T, n * h)
-        o = sequence_op(ops.delta_rule, qn, k, v, beta, g, ctx=self.ctx)  # all memories at once
-        o = o.reshape(B, T, n, h, dv)
+        beta = torch.sigmoid(torch.stack([self.b_proj[m](xb) for m in idx], dim=2))  # [B,T,n,h]
+        g = self._decay(torch.stack([self.a_proj[m](xb) for m in idx], dim=2))
+        keep = mask.unsqueeze(-1)  # [B, T, n, 1]
+        beta = (beta * keep.to(beta.dtype)).reshape(B, T, n * h)
+        g = (g * keep.to(g.dtype)).reshape(B, T, n * h)
+        return qn, k, v, beta, g
+
+    def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None) -> Tensor:
+        """Memory ``m`` over all tokens (``mask [B, T, 1]``: its routing), times its router
+        weight ``w [B, T]`` (``None``: the shared memory). Returns ``[B, T, h, dv]``."""
+        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, [m]), ctx=self.ctx)
+        return o if w is None else o * w[..., None, None].to(o.dtype)
+
+    def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+        """All memories in one op call, stacked along the head axis (the dense form)."""
+        n = len(self.k_proj)
+        B, T = xb.shape[:2]
+        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, list(range(n))), ctx=self.ctx)
+        o = o.reshape(B, T, n, self.h, self.dv)
         out = (o[:, :, : self.M] * weights[..., None, None].to(o.dtype)).sum(2)
         if self.shared:
             out = out + o[:, :, self.M]
@@ -217,9 +213,10 @@ class MixtureOfMemories(nn.Module):
             for m in range(n):
                 w = weights[..., m] if m < self.M else None
                 if torch.is_grad_enabled():
-                    o = checkpoint(self._memory, m, xb, q, mask[..., m], w, use_reentrant=False)
+                    o = checkpoint(self._memory, m, xb, q, mask[..., m:m + 1], w,
+                                   use_reentrant=False)
                 else:
-                    o = self._memory(m, xb, q, mask[..., m], w)
+                    o = self._memory(m, xb, q, mask[..., m:m + 1], w)
                 out = o if out is None else out + o
         else:
             out = self._all_memories(xb, q, mask, weights)

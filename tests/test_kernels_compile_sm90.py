@@ -10,10 +10,7 @@ the interpreter tests of this session did to ``TRITON_INTERPRET``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from triton_env import compile_results
 
 SCRIPT = r"""
 import json, triton
@@ -41,11 +38,7 @@ print(json.dumps(out))
 
 
 def test_intra_fwd_kernel_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = compile_results(SCRIPT)
     assert len(results) == 9
     bad = {k: v for k, v in results.items() if v != "ok"}
     assert not bad, bad

@@ -7,20 +7,10 @@ during each test here only (as in ``test_kernels_interpreter.py``).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from triton_env import compile_results, interpreted
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+with interpreted():
     from lsp.kernels.conv import short_conv
-finally:
-    if _prev is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -141,11 +131,7 @@ print(json.dumps(out))
 
 
 def test_conv_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = compile_results(SCRIPT)
     assert results == {"fwd": "ok", "dz": "ok", "dx": "ok"}, results
 
 

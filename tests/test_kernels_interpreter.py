@@ -13,18 +13,11 @@ its tests only, so the rest of the suite is unaffected.
 
 from __future__ import annotations
 
-import os
+from triton_env import interpreted
 
-_prev = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
+with interpreted():
     import lsp.kernels.common.chunk  # noqa: F401  (decorates every kernel for the interpreter)
     from lsp.kernels.common import utils as kutils
-finally:
-    if _prev is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _prev
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -26,24 +26,35 @@ __all__ = ["short_conv"]
 _BT, _BC, _WARPS = 64, 64, 4
 
 
-@triton.jit(do_not_specialize=["T"])
-def conv_fwd_kernel(xp, w, y, T, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr, SILU: tl.constexpr):
-    """Grid ``(cdiv(T, BT), cdiv(C, BC), B)``."""
-    i_t = tl.program_id(0)
-    i_c = tl.program_id(1)
+@triton.jit
+def _tile(T, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """This program's output rows and channels, their masks, and its batch's offset into ``xp``."""
     i_b = tl.program_id(2).to(tl.int64)
-    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t = o_t < T
+    o_t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
     m_c = o_c < C
-    m = m_t[:, None] & m_c[None, :]
-    xbase = i_b * (T + W - 1) * C
+    m = (o_t < T)[:, None] & m_c[None, :]
+    return i_b, o_t, o_c, m_c, m, i_b * (T + W - 1) * C
+
+
+@triton.jit
+def _preact(xp, w, xbase, o_t, o_c, m_c, m, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+            BC: tl.constexpr):
+    """``z = sum_i w[:, i] * xp[rows + i]`` for the tile, float32."""
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for i in tl.static_range(W):
         b_w = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
         b_x = tl.load(xp + xbase + (o_t + i)[:, None] * C + o_c[None, :], mask=m, other=0.0)
         acc += b_x.to(tl.float32) * b_w[None, :]
+    return acc
+
+
+@triton.jit(do_not_specialize=["T"])
+def conv_fwd_kernel(xp, w, y, T, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                    BC: tl.constexpr, SILU: tl.constexpr):
+    """Grid ``(cdiv(T, BT), cdiv(C, BC), B)``."""
+    i_b, o_t, o_c, m_c, m, xbase = _tile(T, C, W, BT, BC)
+    acc = _preact(xp, w, xbase, o_t, o_c, m_c, m, C, W, BT, BC)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y + i_b * T * C + o_t[:, None] * C + o_c[None, :], acc.to(y.dtype.element_ty), mask=m)
@@ -54,24 +65,13 @@ def conv_bwd_dz_kernel(xp, w, dy, dz, dwp, T, C: tl.constexpr, W: tl.constexpr,
                        BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr):
     """Grid ``(NT, cdiv(C, BC), B)``: ``dz = dy * act'(z)`` (z recomputed) and the tile's partial
     weight gradient ``dwp[b * NT + t, c, i] = sum_rows dz * xp[row + i]`` (float32)."""
+    i_b, o_t, o_c, m_c, m, xbase = _tile(T, C, W, BT, BC)
     i_t = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_b = tl.program_id(2).to(tl.int64)
     NT = tl.num_programs(0)
-    o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t = o_t < T
-    m_c = o_c < C
-    m = m_t[:, None] & m_c[None, :]
-    xbase = i_b * (T + W - 1) * C
     b_dy = tl.load(dy + i_b * T * C + o_t[:, None] * C + o_c[None, :], mask=m,
                    other=0.0).to(tl.float32)
     if SILU:
-        z = tl.zeros([BT, BC], dtype=tl.float32)
-        for i in tl.static_range(W):
-            b_w = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
-            b_x = tl.load(xp + xbase + (o_t + i)[:, None] * C + o_c[None, :], mask=m, other=0.0)
-            z += b_x.to(tl.float32) * b_w[None, :]
+        z = _preact(xp, w, xbase, o_t, o_c, m_c, m, C, W, BT, BC)
         s = tl.sigmoid(z)
         b_dz = b_dy * s * (1.0 + z * (1.0 - s))
     else:

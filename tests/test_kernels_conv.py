@@ -138,15 +138,18 @@ def test_conv_kernels_compile_for_sm90():
 def test_cp2_training_with_triton_convolutions_matches_torch_convolutions(tmp_path):
     """The default model (Gated DeltaNet, MoM and DeltaNet-style layers with short convolutions)
     on 2 CP ranks: the halo rows reach the kernel and the losses equal the conv1d path's."""
-    from test_train import FAST, LAYOUT_ARGS, losses
+    from test_train import CKPT, LAYOUT_ARGS, losses
 
     from lsp.launch.train import main
 
     runs = {}
-    for backend in ("torch", "triton"):
-        run = tmp_path / backend
-        main(["parallel=cp2", f"run_dir={run}", f"model.conv_backend={backend}"] + LAYOUT_ARGS)
-        runs[backend] = losses(run)
-    assert len(runs["triton"]) == 5
-    for a, b in zip(runs["triton"], runs["torch"]):
-        assert abs(a - b) <= 1e-5 * abs(b), runs
+    for name, extra in [("torch", []), ("triton", []), ("triton+ckpt", CKPT)]:
+        run = tmp_path / name
+        backend = name.split("+")[0]
+        main(["parallel=cp2", f"run_dir={run}", f"model.conv_backend={backend}"] + LAYOUT_ARGS
+             + extra)  # +ckpt: selective activation checkpointing recomputes the kernels
+        runs[name] = losses(run)
+    assert len(runs["triton"]) == len(runs["triton+ckpt"]) == 5
+    for name in ("triton", "triton+ckpt"):
+        for a, b in zip(runs[name], runs["torch"]):
+            assert abs(a - b) <= 1e-5 * abs(b), runs

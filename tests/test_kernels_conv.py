@@ -105,6 +105,14 @@ def test_model_config_conv_backend_is_checked():
         validate_config(cfg, 2)
 
 
+def test_triton_convolutions_on_cpu_ranks_are_refused_before_start(monkeypatch):
+    from lsp.launch.train import main
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="use model.conv_backend=torch"):
+        main(["model.conv_backend=triton", "parallel.dist_backend=gloo"])
+
+
 SCRIPT = r"""
 import json, triton
 from triton.backends.compiler import GPUTarget

@@ -264,6 +264,11 @@ def validate_config(cfg, world: int):
                          f"vocabulary {cfg.data.vocab_size}; raise model.vocab_size")
     if cfg.data.get("reset_state_at_document_boundaries", False):
         build_samples(cfg.data, tr.seq_len, cfg.seed)  # raises the explanation
+    on_gpu = par.dist_backend == "nccl" or (par.dist_backend == "auto"
+                                            and torch.cuda.is_available())
+    if mcfg.conv_backend == "triton" and not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("model.conv_backend=triton runs on GPUs (or under TRITON_INTERPRET=1); "
+                         "this run is on CPU ranks: use model.conv_backend=torch")
     if cfg.data.kind == "megatron" and not cfg.data.get("path"):
         raise ValueError("data.kind=megatron needs data.path=<prefix of a .bin/.idx pair>")
     micro, gbatch = tr.micro_batch, tr.get("global_batch") or tr.micro_batch * dp

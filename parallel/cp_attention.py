@@ -91,17 +91,20 @@ def _merge(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
     return out.to(dtype), lse
 
 
-def _start(group, partner: int, send: list[Tensor], recv: list[Tensor]) -> list:
+def _start(group, partner: int, send: list[Tensor], recv: list[Tensor],
+           wait: bool = False) -> list:
     """Start sending ``send`` to and receiving ``recv`` from the partner rank of ``group`` in one
     batch; returns ``[(work, tensors)]`` to pass to :func:`_finish` (the tensors stay referenced
-    until then)."""
+    until then), or ``[]`` after waiting for them here when ``wait``."""
     peer = dist.get_global_rank(group, partner)
     send = [t.contiguous() for t in send]
     ops = [dist.P2POp(dist.isend, t, peer, group) for t in send]
     ops += [dist.P2POp(dist.irecv, t, peer, group) for t in recv]
-    if not ops:
+    pending = [(w, send + recv) for w in dist.batch_isend_irecv(ops)] if ops else []
+    if wait:
+        _finish(pending)
         return []
-    return [(w, send + recv) for w in dist.batch_isend_irecv(ops)]
+    return pending
 
 
 def _finish(pending: list) -> None:
@@ -112,7 +115,7 @@ def _finish(pending: list) -> None:
 
 def _exchange(group, partner: int, send: list[Tensor], recv: list[Tensor]) -> None:
     """Send ``send`` to and receive ``recv`` from the partner rank of ``group``, in one batch."""
-    _finish(_start(group, partner, send, recv))
+    _start(group, partner, send, recv, wait=True)
 
 
 def _blocks(r: int, T: int, n: int):
@@ -160,10 +163,8 @@ class _BalancedAttention(torch.autograd.Function):
         elif n_out:
             o_far = q.new_empty(B, H, n_out, d)
             lse_far = torch.empty(B, H, n_out, dtype=_acc(q.dtype), device=q.device)
-            pending = _start(group, p, [q[:, :, :n_out]], [])
-            if not overlap:  # the serial order measured on the GPUs: send done before the receive
-                _finish(pending)
-                pending = []
+            # serial order (as measured on the GPUs): the send is done before the receive starts
+            pending = _start(group, p, [q[:, :, :n_out]], [], wait=not overlap)
             pending += _start(group, p, [], [o_far, lse_far])
         if overlap:  # the partner works on the moved rows while we score our own blocks
             own_blocks()
@@ -220,10 +221,8 @@ class _BalancedAttention(torch.autograd.Function):
             pending = _start(ctx.group, p, [g[0]], [])
         elif n_out:  # hi: the moved rows' gradient comes back from the partner
             pending = _start(ctx.group, p,
-                             [do[:, :, :n_out], out[:, :, :n_out], lse[:, :, :n_out]], [])
-            if not ctx.overlap:
-                _finish(pending)
-                pending = []
+                             [do[:, :, :n_out], out[:, :, :n_out], lse[:, :, :n_out]], [],
+                             wait=not ctx.overlap)
             dq_far = q.new_empty(q.shape[:2] + (n_out, q.shape[3]))
             pending += _start(ctx.group, p, [], [dq_far])
         if ctx.overlap:  # the partner works on the moved rows while we run our own blocks

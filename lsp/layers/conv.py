@@ -73,9 +73,13 @@ class ShortConvolution(nn.Module):
             return checkpoint(self._conv, x, halo, copies, use_reentrant=False)
         return self._conv(x, halo, copies)
 
+    def _weight(self, copies: int) -> Tensor:
+        """``[copies * C, 1, w]``: the kernel repeated for ``copies`` stacked channel sets."""
+        return self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
+
     def _conv(self, x: Tensor, halo: Tensor, copies: int) -> Tensor:
         xp = torch.cat([halo, x], dim=1).transpose(1, 2)  # [B, C, T + w - 1]
-        weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
+        weight = self._weight(copies)
         y = F.conv1d(xp, weight.to(x.dtype), groups=weight.shape[0]).transpose(1, 2)
         return F.silu(y) if self.activation == "silu" else y
 
@@ -87,6 +91,6 @@ class ShortConvolution(nn.Module):
                              "Triton's CPU interpreter); use conv_backend='torch' on CPU")
         from lsp.kernels.conv import short_conv
 
-        weight = self.weight.repeat(copies, 1, 1) if copies > 1 else self.weight
+        weight = self._weight(copies)
         xp = torch.cat([halo, x], dim=1)
         return short_conv(xp, weight.view(weight.shape[0], -1), self.activation == "silu")

@@ -400,12 +400,12 @@ def train(cfg) -> dict | None:
             step_time = elapsed / steps_since
             exch = sp_mod.exchange_timer.seconds() / steps_since
             tps = tokens_per_step / step_time
+            per_rank = _peak_mem_per_rank(device)
             row = {"loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": float(gnorm),
                    "step_time_s": step_time, "tokens_per_s": tps,
                    "mfu": None if peak is None else tps * flops_tok / (peak * 1e12 * world),
                    "exchange_share": exch / step_time if par.cp > 1 else 0.0,
-                   "peak_mem_gb": None, "peak_mem_gb_per_rank": _peak_mem_per_rank(device)}
-            row["peak_mem_gb"] = max(row["peak_mem_gb_per_rank"])
+                   "peak_mem_gb": max(per_rank), "peak_mem_gb_per_rank": per_rank}
             if tr.eval_interval and (done % tr.eval_interval == 0 or done == tr.steps):
                 if eval_samples is None:
                     eval_samples = build_samples(cfg.data, tr.seq_len, cfg.seed, "valid")

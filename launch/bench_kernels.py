@@ -432,8 +432,11 @@ def main():
     if "correct" not in skip:
         tasks += [dict(kind="case", case=c) for c in cases
                   if not (c["dtype"] == "fp32" and c["K"] >= 128)]
+    # phase A gets the whole budget when nothing is timed after it (or when the timing runs
+    # beside it on the other GPU); on one GPU with timing to follow it gets half
+    alone = overlap or "time" in skip
     phase_a_end = t_start + (args.phase_a if args.phase_a else
-                             (args.budget - 10 if overlap else 0.5 * args.budget))
+                             (args.budget - 10 if alone else 0.5 * args.budget))
     pending, recs = [], []
     pool = None
     if tasks:

@@ -257,3 +257,61 @@ def test_offloaded_checkpoints_keep_only_block_inputs_and_give_the_same_gradient
     for packed, same in H.run_ranks(_offload_rank, world):
         assert same
         assert packed == [(24 // world, 1, 32)] * 2
+
+
+def _flip_routing_when_run_again(router):
+    """Make ``router`` choose the other experts whenever it runs again (as a recomputation does):
+    every expert its previous run did not choose gets +10 on its logit, the chosen ones keep
+    theirs. A stand-in for the ulp-level near ties that flip at scale; with the forward's
+    experts replayed, the weights (the chosen logits) are unchanged. Both runs issue the same
+    ops (selective checkpointing requires it of a recomputation)."""
+    gating, runs = router.gating, []
+
+    def gate(x):
+        logits = gating(x)
+        again = len(runs) % 2 == 1
+        now = logits.detach().topk(router.topk, dim=-1).indices
+        bump = torch.full_like(logits, 10.0 if again else 0.0)
+        bump.scatter_(-1, runs[-1] if again else now, 0.0)
+        runs.append(now)
+        return logits + bump
+
+    router.gating = gate
+
+
+def _replay_rank(rank, world, offload):
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    from lsp.layers.ffn import MoEFFN
+    from lsp.train.loop import apply_activation_checkpointing
+
+    def perturb(model):
+        for m in model.modules():
+            if isinstance(m, MoEFFN):
+                _flip_routing_when_run_again(m.moe.router)
+
+    def with_replay(model):
+        perturb(model)
+        apply_activation_checkpointing(model, offload=offload)
+
+    def plain_checkpoint(model):  # the negative control: torch's checkpoint alone
+        perturb(model)
+        for b in model.blocks:
+            b.forward = lambda x, _f=b.forward: checkpoint(_f, x, use_reentrant=False)
+
+    cfg = _tiny_moe_model_cfg(pattern="GS", moe_aux_loss_coeff=0.0)
+    replayed = _grads_without_and_with(world, cfg, with_replay)
+    try:
+        control = _grads_without_and_with(world, cfg, plain_checkpoint)
+    except CheckpointError:
+        control = "CheckpointError"
+    return replayed, control
+
+
+@pytest.mark.parametrize("world,offload", [(1, False), (1, True), (2, False)])
+def test_recomputation_replays_the_forwards_routing(world, offload):
+    # the recomputation's router prefers other experts; with the replay the gradients are those
+    # of the step without checkpointing, without it torch's checkpoint fails or they differ
+    for replayed, control in H.run_ranks(_replay_rank, world, offload):
+        assert replayed is True
+        assert control in ("CheckpointError", False)

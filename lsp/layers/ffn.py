@@ -155,6 +155,36 @@ def _router_class():
     return ExplicitAuxLossRouter
 
 
+def checkpoint_routing_replay():
+    """megatron-core's ``RouterReplay`` (per-layer record / replay of the router's top-k
+    experts) made to issue the same ops in both directions, as torch's selective checkpointing
+    requires of a recomputation: megatron records with ``topk`` and replays with ``gather``
+    alone; here both run ``topk`` and take the weights with ``gather`` at the recorded (or
+    replayed) experts, which in the recording run equals ``topk``'s values. Out of megatron's
+    class-level registry: lsp drives each layer's own, not megatron's global switches."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    class CheckpointRouterReplay(RouterReplay):
+        def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None,
+                            default_compute_topk=None):
+            probs, top = default_compute_topk(scores, topk, num_groups=num_groups,
+                                              group_topk=group_topk)
+            action = self.router_replay_action
+            if action is None:
+                return probs, top
+            if action == RouterReplayAction.RECORD:
+                self.record_indices(top)
+            elif action == RouterReplayAction.REPLAY_BACKWARD:
+                top = self.replay_backward_list.pop(0).to(scores.device)
+            else:
+                raise ValueError(f"router replay action {action} is not used by lsp")
+            return scores.gather(1, top), top
+
+    replay = CheckpointRouterReplay()
+    RouterReplay.global_router_replay_instances.remove(replay)
+    return replay
+
+
 class MoEFFN(nn.Module):
     """megatron-core ``MoELayer`` (alltoall dispatcher) with explicit auxiliary loss.
 
@@ -203,6 +233,9 @@ class MoEFFN(nn.Module):
         shared = ModuleSpec(module=SharedExpertMLP, submodules=_mlp_spec()) if shared_expert_size else None
         spec = MoESubmodules(experts=experts, shared_experts=shared, router=_router_class())
         self.moe = MoELayer(cfg, spec, layer_number=1, pg_collection=ctx.topo.pg_collection)
+        # activation checkpointing routes the recomputation as the forward did through this
+        # (lsp.train.loop.replay_routing); with no replay action set it routes as usual
+        self.moe.router.router_replay = checkpoint_routing_replay()
         # megatron's router GEMM is a custom autograd Function that is not autocast-aware (its
         # backward would multiply a bf16 gradient by the fp32 weight): run the router outside
         # autocast, in the residual stream's dtype (fp32 master weights and activations).

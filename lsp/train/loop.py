@@ -99,6 +99,46 @@ def _offloaded_checkpoint(fn, x):
         return checkpoint(fn, x, use_reentrant=True)
 
 
+def replay_routing(fn, replays):
+    """``fn`` (a block's forward) wrapped for checkpointing: a fresh function per call that
+    records each MoE router's top-k choice when first run and replays it when run again (the
+    recomputation in backward), through megatron-core's ``RouterReplay``.
+
+    Without it the recomputation chooses experts anew, and a near tie that an ulp of difference
+    flips (1M tokens x 8 experts has many) changes the tokens per expert: torch's checkpoint
+    then fails with "Recomputed values ... have different metadata" (seen at 1M tokens on 2
+    GPUs with the All-Gather exchange), and a reentrant checkpoint would silently backpropagate
+    through a routing the forward never used. The replay keeps the forward's experts; their
+    weights are recomputed from the router's logits as usual (``lsp.layers.ffn.
+    checkpoint_routing_replay``).
+    """
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction as Act
+
+    def fresh():
+        recorded = []
+
+        def run(x):
+            again = bool(recorded)
+            for i, r in enumerate(replays):
+                r.clear_indices()
+                if again:
+                    r.set_target_indices(recorded[i])
+                r.set_router_replay_action(Act.REPLAY_BACKWARD if again else Act.RECORD)
+            try:
+                out = fn(x)
+                if not again:
+                    recorded.extend(r.get_recorded_indices() for r in replays)
+            finally:
+                for r in replays:
+                    r.clear_indices()
+                    r.clear_router_replay_action()
+            return out
+
+        return run
+
+    return fresh
+
+
 def apply_activation_checkpointing(model, save_attention: bool = True,
                                    offload: bool = False) -> None:
     """Recompute each block in backward instead of keeping its activations (from outside).
@@ -112,19 +152,27 @@ def apply_activation_checkpointing(model, save_attention: bool = True,
     ``offload``: keep each block's input (what checkpointing retains: 1 GB per block at 512K
     tokens and hidden 1024 in bf16) in host memory, copied back for the block's backward; the
     blocks whose attention outputs are kept stay on the device.
+
+    Blocks with MoE feed-forwards replay the forward's routing in the recomputation
+    (:func:`replay_routing`).
     """
     from lsp.layers import SoftmaxAttention
+    from lsp.layers.ffn import MoEFFN
 
     for block in model.blocks:
-        inner = block.forward
+        replays = [m.moe.router.router_replay for m in block.modules() if isinstance(m, MoEFFN)]
+        if replays:
+            fresh = replay_routing(block.forward, replays)
+        else:
+            fresh = (lambda _f: lambda: _f)(block.forward)
         keep_attention = save_attention and isinstance(block.mixer, SoftmaxAttention)
         if offload and not keep_attention:
-            block.forward = lambda x, _f=inner: _offloaded_checkpoint(_f, x)
+            block.forward = lambda x, _n=fresh: _offloaded_checkpoint(_n(), x)
             continue
         kw = dict(use_reentrant=False, early_stop=False)
         if keep_attention:
             kw["context_fn"] = _save_attention_context
-        block.forward = lambda x, _f=inner, _kw=kw: checkpoint(_f, x, **_kw)
+        block.forward = lambda x, _n=fresh, _kw=kw: checkpoint(_n(), x, **_kw)
 
 
 def global_grad_norm(model, topo) -> torch.Tensor:

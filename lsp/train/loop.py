@@ -160,11 +160,9 @@ def apply_activation_checkpointing(model, save_attention: bool = True,
     from lsp.layers.ffn import MoEFFN
 
     for block in model.blocks:
+        # a block without MoE gets an empty list: nothing to record or replay
         replays = [m.moe.router.router_replay for m in block.modules() if isinstance(m, MoEFFN)]
-        if replays:
-            fresh = replay_routing(block.forward, replays)
-        else:
-            fresh = (lambda _f: lambda: _f)(block.forward)
+        fresh = replay_routing(block.forward, replays)
         keep_attention = save_attention and isinstance(block.mixer, SoftmaxAttention)
         if offload and not keep_attention:
             block.forward = lambda x, _n=fresh: _offloaded_checkpoint(_n(), x)

@@ -244,5 +244,6 @@ def balanced_causal_attention(q: Tensor, K: Tensor, V: Tensor, group,
     ``hi`` then waits for those (the 1M profile at fc628ae: balancing saved 1.5 s of ~6 s, with
     ~9 s of NCCL waits). ``overlap=True`` starts the exchange first: ``hi`` sends its moved rows
     and posts the receive of their results before its own blocks, ``lo`` scores them first and
-    sends them back while it runs its own blocks; forward and backward alike. Same results."""
+    sends them back while it runs its own blocks; forward and backward alike. Same results; at
+    1M tokens on 2 x H200 the step went from 60.3 to 51.3 s (524e819, README)."""
     return _BalancedAttention.apply(q, K, V, group, overlap)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+
+from triton_env import env_without_interpreter
 
 
 def test_bench_kernels_cpu_smoke_writes_json(tmp_path):
     out = tmp_path / "kernels.json"
     # a fresh process: the interpreter flag must be set before the kernels are decorated
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "lsp.launch.bench", "kernels", "--cpu-smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env_without_interpreter())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     recs = doc["correctness"]

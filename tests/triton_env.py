@@ -26,11 +26,16 @@ def interpreted():
             os.environ["TRITON_INTERPRET"] = prev
 
 
+def env_without_interpreter() -> dict:
+    """This process's environment less ``TRITON_INTERPRET``, for a fresh process that decides
+    for itself (a kernel is interpreted or not from its decoration on)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def compile_results(script: str) -> dict:
     """Run ``script`` (which prints a JSON dict last) in a fresh process without the interpreter,
     where kernels decorate as real ``JITFunction``s; returns that dict."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env_without_interpreter())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-_SUPPORTED = ("float16", "bfloat16", "float32")
+DEFAULT_CHUNK_SIZE = 64
+CHUNK_SIZES = (16, 32, 64)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -57,8 +58,8 @@ def _check(op, q, v, chunk_size):
             f"{op}: key head dim K={K} is above the kernels' limit of {MAX_K}; use more heads "
             "with smaller K, or backend='torch'"
         )
-    if chunk_size not in (16, 32, 64):
-        raise ValueError(f"{op}: chunk_size={chunk_size}; the kernels support 16, 32 or 64")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{op}: chunk_size={chunk_size}; the kernels support {CHUNK_SIZES}")
     if interpreted() and q.dtype == torch.bfloat16:
         raise ValueError(
             f"{op}: Triton's CPU interpreter computes bfloat16 dot products wrongly (seen with "
@@ -72,7 +73,7 @@ def _check(op, q, v, chunk_size):
 
 
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, num_segments=None):
+                     output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None):
     """Chunkwise linear attention on the Triton kernels (contract of ``lsp.ops.linear_attention``).
 
     ``chunk_size`` (16, 32 or 64) and ``num_segments`` (in-GPU sequence segments; None: by rule,
@@ -88,7 +89,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, chunk_size=64, num_segments=None):
+               output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None):
     """Chunkwise (gated) delta rule on the Triton kernels (contract of ``lsp.ops.delta_rule``)."""
     _check("delta_rule", q, v, chunk_size)
     from .delta_net import chunk_delta_rule

@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def measure(args) -> list[dict] | None:
     """Run on every rank of an initialised world; rank 0 returns the records."""
-    from lsp.launch.train import compose
+    from lsp.train.config import load_config
     from lsp.train.loop import train
 
     P = dist.get_world_size()
@@ -63,7 +63,7 @@ def measure(args) -> list[dict] | None:
                 "train.resume=none", "train.micro_batch=1", "train.warmup_steps=1",
                 "log.tensorboard=false", f"run_dir={tmp}/{method}",
             ] + list(args.set)
-            summary = train(compose(overrides))
+            summary = train(load_config(overrides))
             if dist.get_rank() != 0:
                 continue
             rows = summary["history"][args.warmup:]

@@ -7,8 +7,9 @@
     mpirun -n 2 lsp-train parallel.cp=2
 
 Configuration is composed with Hydra's compose API from the ``configs/`` groups (installed as
-``lsp.configs``), so every rank and every launcher sees the same config; the resolved config is
-written to ``<run_dir>/config.yaml`` by rank 0. Under torchrun or mpirun the process joins the
+``lsp.configs``) into a typed ``lsp.train.config.RunConfig``, validated once before any process
+starts (a mistake prints one line and exits with status 2); spawned ranks receive that object,
+and rank 0 writes it to ``<run_dir>/config.yaml``. Under torchrun or mpirun the process joins the
 launcher's world (``lsp.launch.dist_env``). Without a launcher, ``lsp-train`` starts
 ``parallel.nproc`` processes itself (default ``tp * cp``) on this machine: gloo ranks on CPU,
 or one NCCL rank per GPU when CUDA is present.
@@ -20,7 +21,6 @@ import os
 import sys
 import tempfile
 from datetime import timedelta
-from importlib import resources
 
 
 def quiet_library_warnings() -> None:
@@ -57,24 +57,47 @@ def train_launched_rank(train, cfg) -> None:
         os._exit(1)
 
 
-def config_dir() -> str:
-    return str(resources.files("lsp.configs"))
+class ConfigError(ValueError):
+    """A user's configuration mistake; :func:`main` prints its one line and exits with status 2
+    (as argparse does), with no traceback."""
+
+
+def load_run(overrides: list[str]):
+    """The validated ``RunConfig`` for command-line overrides; a mistake raises
+    :class:`ConfigError` with one line that names the value and the fix."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lsp.train.config import load_config
+
+    try:
+        return load_config(overrides)
+    except ValueError as e:
+        raise ConfigError(_error_line(e)) from e
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_error_line(e)) from e
+
+
+def _error_line(e: BaseException) -> str:
+    """The error and the causes Hydra / OmegaConf wrap it in, as one line."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first not in parts and "$VALUE" not in first and not any(first in p for p in parts):
+            parts.append(first)
+        e = e.__cause__ or e.__context__
+    return "lsp-train: config error: " + ": ".join(parts)
 
 
 def compose(overrides: list[str]):
-    """The resolved config for these command-line overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    """The composed Hydra tree (before validation), as ``lsp.train.config.compose``."""
+    from lsp.train.config import compose as _compose
 
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    OmegaConf.resolve(cfg)
-    return cfg
+    return _compose(overrides)
 
 
-def _run_rank(rank: int, world: int, store: str, overrides: list[str], backend: str,
-              timeout_s: float) -> None:
+def _run_rank(rank: int, world: int, store: str, run, backend: str) -> None:
     quiet_library_warnings()
     import torch
     import torch.distributed as dist
@@ -86,22 +109,46 @@ def _run_rank(rank: int, world: int, store: str, overrides: list[str], backend: 
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=run.parallel.timeout_s))
     try:
-        train(compose(overrides))
+        train(run, run.resolve(world))
     finally:
         dist.destroy_process_group()
 
 
+def _checked_layout(run, world: int):
+    """The run's layout for ``world`` ranks and the checks that need no process: a mistake is
+    a :class:`ConfigError`."""
+    from lsp.train.config import check_run_dir
+
+    try:
+        layout = run.resolve(world)
+        check_run_dir(run.run_dir)
+    except ValueError as e:
+        raise ConfigError(_error_line(e)) from e
+    return layout
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``lsp-train [overrides]``; a configuration mistake prints one line and exits with 2."""
+    try:
+        run_cli(argv)
+    except ConfigError as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run_cli(argv: list[str] | None = None) -> None:
+    """:func:`main` without the exit: a configuration mistake raises :class:`ConfigError`."""
     overrides = list(sys.argv[1:] if argv is None else argv)
     if overrides and overrides[0] in ("-h", "--help"):
+        from lsp.train.config import config_dir
+
         print(__doc__)
         print(f"config groups: {config_dir()}")
         return
     quiet_library_warnings()
-    cfg = compose(overrides)  # config errors surface here, before any process starts
-    par = cfg.parallel
+    run = load_run(overrides)  # every config error here, before any process starts
     from lsp.launch.dist_env import init_from_environment, launched
 
     if launched():
@@ -109,32 +156,29 @@ def main(argv: list[str] | None = None) -> None:
 
         from lsp.train.loop import train
 
-        init_from_environment(par.dist_backend, timeout_s=par.timeout_s)
-        train_launched_rank(train, cfg)
+        init_from_environment(run.parallel.dist_backend, timeout_s=run.parallel.timeout_s)
+        layout = _checked_layout(run, dist.get_world_size())
+        train_launched_rank(lambda r: train(r, layout), run)
         dist.destroy_process_group()
         return
 
     import torch
 
-    backend = par.dist_backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    world = par.nproc or par.tp * par.cp
-    from lsp.train.loop import validate_config
-
-    validate_config(cfg, world)  # every config error before any process starts
+    backend = run.dist_backend
+    world = run.parallel.nproc or run.parallel.tp * run.parallel.cp
+    _checked_layout(run, world)
     if backend == "nccl" and world > torch.cuda.device_count():
-        raise ValueError(f"parallel.nproc={world} ranks but only {torch.cuda.device_count()} GPUs; "
-                         "use torchrun across nodes or lower tp*cp")
+        raise ConfigError(f"lsp-train: config error: parallel.nproc={world} ranks but only "
+                          f"{torch.cuda.device_count()} GPUs; use torchrun across nodes or "
+                          "lower tp*cp")
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         if world == 1:
-            _run_rank(0, 1, store, overrides, backend, par.timeout_s)
+            _run_rank(0, 1, store, run, backend)
         else:
-            mp.spawn(_run_rank, args=(world, store, overrides, backend, par.timeout_s),
-                     nprocs=world, join=True)
+            mp.spawn(_run_rank, args=(world, store, run, backend), nprocs=world, join=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pkgutil as _pkgutil
 # those folders; extend_path adds the installed copy so that they still import.
 __path__ = _pkgutil.extend_path(__path__, __name__)
 
-from lsp import ops  # noqa: E402
+from lsp import ops, parallel  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["ops", "parallel", "__version__"]

@@ -55,6 +55,13 @@ from torch import Tensor
 from lsp.parallel import pairs
 
 METHODS = ("allgather", "allscan", "ring")
+
+
+def check_method(method: str, what: str = "method") -> str:
+    """The one check of an exchange method name; raises ``ValueError`` naming the choices."""
+    if method not in METHODS:
+        raise ValueError(f"{what}={method!r} is unknown; choose one of {METHODS}")
+    return method
 _FWD_TAG, _BWD_TAG = 0, 1 << 16
 
 
@@ -110,10 +117,6 @@ class _Group:
         return self.global_rank(self.size - 1)
 
 
-def _zeros_like_state(B: Tensor) -> Tensor:
-    return torch.zeros_like(B)
-
-
 class AllGather:
     """LASP-2: one all-gather of the packed pairs, then a local fold of the prefix."""
 
@@ -127,7 +130,7 @@ class AllGather:
         nA = 0 if A is None else A.numel()
         self.As = [None if A is None else row[:nA].view_as(A) for row in rows]
         Bs = [row[nA:].view_as(B) for row in rows]
-        S = _zeros_like_state(B) if S_init is None else S_init
+        S = torch.zeros_like(B) if S_init is None else S_init
         S_start = S_final = None
         for s in range(P):
             if s == r:
@@ -199,7 +202,7 @@ class AllScan:
 
     def forward(self, A, B, S_init):
         g = self.g
-        first = _zeros_like_state(B) if S_init is None else S_init
+        first = torch.zeros_like(B) if S_init is None else S_init
         S_start, S_end = self._chain(A, B, first, g.prev if g.rank else None,
                                      g.next if g.rank < g.size - 1 else None,
                                      g.rank == 0, g.rank == g.size - 1, False, _FWD_TAG)
@@ -236,4 +239,4 @@ def make_exchange(method: str, kind: str, group, need_final: bool, num_blocks: i
         P = dist.get_world_size(group)
         n = default_num_blocks(P, state_bytes, V) if num_blocks is None else num_blocks
         return AllScan(kind, group, need_final, num_blocks=n)
-    raise ValueError(f"unknown exchange method {method!r}; choose one of {METHODS}")
+    check_method(method)

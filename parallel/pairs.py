@@ -38,16 +38,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-KINDS = ("identity", "scalar", "diagonal", "full")
+from lsp.parallel.contract import Family, OpCall, OpSpec, Transition
 
-
-def transition_kind(family: str, g: Tensor | None) -> str:
-    """The kind of ``A`` for a family (``"linear_attention"`` / ``"delta_rule"``) and gate."""
-    if family == "delta_rule":
-        return "full"
-    if g is None:
-        return "identity"
-    return "scalar" if g.dim() == 3 else "diagonal"
+KINDS = tuple(t.value for t in Transition)
 
 
 def apply(kind: str, A: Tensor | None, S: Tensor) -> Tensor:
@@ -104,20 +97,27 @@ class LocalPass:
     outputs: Callable[[], tuple[Tensor, Tensor]]
 
 
+def local_pass(spec: OpSpec, call: OpCall) -> LocalPass:
+    """This rank's :class:`LocalPass` for a validated call of its op."""
+    if spec.family == Family.DELTA_RULE:
+        return delta_rule_local(spec, call)
+    return linear_attention_local(spec, call)
+
+
 def _cumulative_log_decay(g: Tensor) -> Tensor:
     # float64 cumsum: over a long slice the float32 sum would lose the small late terms
     return g.double().cumsum(dim=1)
 
 
-def linear_attention_local(op, q, k, v, g, *, scale: float, state_dtype: torch.dtype,
-                           op_kwargs: dict) -> LocalPass:
+def linear_attention_local(spec: OpSpec, call: OpCall) -> LocalPass:
     """Closed-form pair and effective queries of additive linear attention over this slice.
 
     ``G_t = sum_{s<=t} g_s`` (inclusive, from the slice start); the decay between tokens is
     ``exp(G_t - G_s)``, which never exceeds 1 for ``g <= 0``.
     """
-    kind = transition_kind("linear_attention", g)
-    ct = state_dtype
+    q, k, v, g, scale = call.q, call.k, call.v, call.g, call.scale
+    kind = call.transition
+    ct = call.state_dtype
 
     def pair():
         kf, vf = k.to(ct), v.to(ct)
@@ -134,7 +134,7 @@ def linear_attention_local(op, q, k, v, g, *, scale: float, state_dtype: torch.d
         return A, B
 
     def outputs():
-        o0, _ = op(q, k, v, g, scale=scale, **op_kwargs)
+        o0, _ = spec.run(call.replace(initial_state=None, output_final_state=False))
         qf = q.to(ct) * scale
         if g is None:
             qe = qf
@@ -146,15 +146,16 @@ def linear_attention_local(op, q, k, v, g, *, scale: float, state_dtype: torch.d
     return LocalPass(kind, pair, outputs)
 
 
-def delta_rule_local(op, q, k, v, beta, g, *, scale: float, state_dtype: torch.dtype,
-                     op_kwargs: dict) -> LocalPass:
+def delta_rule_local(spec: OpSpec, call: OpCall) -> LocalPass:
     """Pair and effective queries of the delta rules from one chunkwise pass.
 
     Runs ``op`` once with values ``[v | 0_K]`` and initial state ``[0 | I_K]``: the output's last
     ``K`` columns are ``qe`` (scale included), the final state's are ``A`` ``[B, H, K, K]``.
     """
+    q, v = call.q, call.v
     B_, T, H, K = q.shape
     V = v.shape[-1]
+    state_dtype = call.state_dtype
     cache: dict = {}
 
     def run():
@@ -162,8 +163,8 @@ def delta_rule_local(op, q, k, v, beta, g, *, scale: float, state_dtype: torch.d
             v_aug = torch.cat([v, v.new_zeros(B_, T, H, K)], dim=-1)
             eye = torch.eye(K, dtype=state_dtype, device=q.device).expand(B_, H, K, K)
             s0 = torch.cat([eye.new_zeros(B_, H, K, V), eye], dim=-1)
-            o_aug, s_aug = op(q, k, v_aug, beta, g, scale=scale, initial_state=s0,
-                              output_final_state=True, **op_kwargs)
+            o_aug, s_aug = spec.run(call.replace(v=v_aug, initial_state=s0,
+                                                 output_final_state=True))
             cache.update(o0=o_aug[..., :V], qe=o_aug[..., V:], B=s_aug[..., :V],
                          A=s_aug[..., V:])
         return cache
@@ -176,4 +177,4 @@ def delta_rule_local(op, q, k, v, beta, g, *, scale: float, state_dtype: torch.d
         c = run()
         return c["o0"], c["qe"]
 
-    return LocalPass("full", pair, outputs)
+    return LocalPass(Transition.FULL, pair, outputs)

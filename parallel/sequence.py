@@ -41,8 +41,8 @@ and the backward sums them.
 
 from __future__ import annotations
 
-import os
 import time
+from dataclasses import astuple, dataclass, fields
 from typing import Callable
 
 import torch
@@ -50,30 +50,24 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lsp.parallel import pairs
-from lsp.parallel.exchange import METHODS, all_gather_rows, make_exchange
+from lsp.parallel.contract import Family, OpCall, Transition, spec_of
+from lsp.parallel.exchange import METHODS, all_gather_rows, check_method, make_exchange
 
-_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_KIND_CODE = {k: i for i, k in enumerate(pairs.KINDS)}
-_FAMILY_CODE = {"linear_attention": 1, "delta_rule": 2}
-_META_FIELDS = ("magic", "family", "kind", "method", "T_local", "B", "H", "K", "V", "dtype",
-                "initial_state", "final_state", "num_blocks", "scale_e6")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FAMILIES, _TRANSITIONS = tuple(Family), tuple(Transition)
 _MAGIC = 0x15B5
 _side_streams: dict = {}
-# Test-only ablation: zero the state that arrives from earlier ranks (the MQAR test shows that a
-# model then fails a task whose keys and queries sit on different ranks). Never set in training.
-_ZERO_INCOMING_ENV = "LSP_TEST_ZERO_INCOMING_STATE"
 
 
 class ExchangeTimer:
     """Time spent in the state exchange (forward and backward), for the training log.
 
-    Disabled by default. On CPU it sums host time around each exchange; on CUDA it records event
-    pairs on the stream that runs the exchange and sums them in ``seconds()``, which
-    synchronises on those events only.
+    Pass one to :func:`sequence_parallel` (``timer=``). On CPU it sums host time around each
+    exchange; on CUDA it records event pairs on the stream that runs the exchange and sums them
+    in ``seconds()``, which synchronises on those events only.
     """
 
     def __init__(self):
-        self.enabled = False
         self._host = 0.0
         self._events: list = []
 
@@ -88,8 +82,6 @@ class ExchangeTimer:
         return total
 
     def run(self, fn, device: torch.device):
-        if not self.enabled:
-            return fn()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -103,47 +95,72 @@ class ExchangeTimer:
         return out
 
 
-exchange_timer = ExchangeTimer()
+def _timed(timer: ExchangeTimer | None, fn, device: torch.device):
+    return fn() if timer is None else timer.run(fn, device)
 
 
-def _family_of(op: Callable) -> str:
-    family = getattr(op, "sp_family", None)
-    if family not in _FAMILY_CODE:
-        raise ValueError(
-            f"sequence_parallel: op={getattr(op, '__name__', op)!r} is not an lsp op; pass "
-            "lsp.ops.linear_attention or lsp.ops.delta_rule"
-        )
-    return family
+@dataclass(frozen=True)
+class CallMeta:
+    """What every rank of the group must agree on, as integers for one all-gather."""
+
+    magic: int
+    family: int
+    transition: int
+    method: int
+    T_local: int
+    B: int
+    H: int
+    K: int
+    V: int
+    dtype: int
+    initial_state: int
+    final_state: int
+    num_blocks: int
+    scale_e6: int
+
+    @classmethod
+    def of(cls, call: OpCall, method: str, num_blocks: int | None) -> "CallMeta":
+        B, T, H, K = call.q.shape
+        n_blk = num_blocks if method == "allscan" else 1
+        return cls(_MAGIC, _FAMILIES.index(call.family), _TRANSITIONS.index(call.transition),
+                   METHODS.index(method), T, B, H, K, call.v.shape[-1],
+                   _DTYPES.index(call.q.dtype), int(call.initial_state is not None),
+                   int(call.output_final_state), 0 if n_blk is None else n_blk,
+                   round(call.scale * 1e6))
+
+    @staticmethod
+    def describe(name: str, value: int) -> str:
+        """A field's value as a user reads it (names, not codes)."""
+        table = {"family": _FAMILIES, "transition": _TRANSITIONS, "method": METHODS,
+                 "dtype": _DTYPES}.get(name)
+        if table is not None:
+            item = table[value] if 0 <= value < len(table) else value
+            return str(getattr(item, "value", item)).replace("torch.", "")
+        if name in ("initial_state", "final_state"):
+            return str(bool(value))
+        if name == "scale_e6":
+            return f"{value / 1e6:g}"
+        return str(value)
 
 
-def _split_args(family: str, args: tuple, kwargs: dict):
-    """(q, k, v, beta, g) from the op's positional/keyword arguments."""
-    names = ("q", "k", "v", "beta", "g") if family == "delta_rule" else ("q", "k", "v", "g")
-    if len(args) > len(names):
-        raise ValueError(f"sequence_parallel: {family} takes at most {len(names)} positional "
-                         f"tensors {names}, got {len(args)}")
-    vals = dict(zip(names, args))
-    for n in names[len(args):]:
-        if n in kwargs:
-            vals[n] = kwargs.pop(n)
-    for n in ("q", "k", "v"):
-        if n not in vals:
-            raise ValueError(f"sequence_parallel: {family} needs {n}")
-    return vals["q"], vals["k"], vals["v"], vals.get("beta"), vals.get("g")
-
-
-def _check_consistency(group, meta: list[int], device: torch.device) -> None:
+def _check_consistency(group, meta: CallMeta, device: torch.device) -> None:
     """All-gather every rank's call description; raise the same error everywhere on mismatch."""
     backend = dist.get_backend(group)
     dev = device if backend == "nccl" else torch.device("cpu")
-    allm = all_gather_rows(torch.tensor(meta, dtype=torch.int64, device=dev), group).cpu()
-    bad = [i for i in range(len(meta)) if not bool((allm[:, i] == allm[0, i]).all())]
+    row = torch.tensor(astuple(meta), dtype=torch.int64, device=dev)
+    allm = all_gather_rows(row, group).cpu()
+    names = [f.name for f in fields(CallMeta)]
+    bad = [i for i in range(len(names)) if not bool((allm[:, i] == allm[0, i]).all())]
     if bad:
-        fields = ", ".join(f"{_META_FIELDS[i]}={allm[:, i].tolist()}" for i in bad)
+        parts = []
+        for i in bad:
+            vals = [CallMeta.describe(names[i], int(x)) for x in allm[:, i]]
+            parts.append(f"{names[i].replace('scale_e6', 'scale')}=[{', '.join(vals)}]")
         raise ValueError(
-            f"sequence_parallel: the ranks of the group disagree on {fields} (per rank); every "
-            "rank must call with the same op, gate kind, method, head counts and dims, and an "
-            "equal contiguous shard of the sequence (split T into P equal parts in rank order)"
+            f"sequence_parallel: the ranks of the group disagree on {', '.join(parts)} (per "
+            "rank); every rank must call with the same op, gate kind, method, head counts and "
+            "dims, and an equal contiguous shard of the sequence (split T into P equal parts in "
+            "rank order)"
         )
 
 
@@ -157,16 +174,15 @@ class _StateScan(torch.autograd.Function):
     """``(A_r, B_r, S_init) -> (S_start_r, S_final)`` across the group; adjoint in backward."""
 
     @staticmethod
-    def forward(ctx, A, B, S_init, exchange, ready_event):
-        ctx.exchange = exchange
+    def forward(ctx, A, B, S_init, exchange, ready_event, timer):
+        ctx.exchange, ctx.timer = exchange, timer
         ctx.has_A, ctx.has_init = A is not None, S_init is not None
         if B.is_cuda:
             main = torch.cuda.current_stream(B.device)
             side = _side_stream(B.device)
             side.wait_event(ready_event)
             with torch.cuda.stream(side):
-                S_start, S_final = exchange_timer.run(lambda: exchange.forward(A, B, S_init),
-                                                      B.device)
+                S_start, S_final = _timed(timer, lambda: exchange.forward(A, B, S_init), B.device)
             for t in (A, B, S_init):
                 if t is not None:
                     t.record_stream(side)
@@ -175,7 +191,7 @@ class _StateScan(torch.autograd.Function):
                     t.record_stream(main)
             main.wait_stream(side)
         else:
-            S_start, S_final = exchange_timer.run(lambda: exchange.forward(A, B, S_init), B.device)
+            S_start, S_final = _timed(timer, lambda: exchange.forward(A, B, S_init), B.device)
         ctx.save_for_backward(A, S_start)
         if S_final is None:
             return S_start, None
@@ -188,7 +204,7 @@ class _StateScan(torch.autograd.Function):
         kind = ex.kind
         if dS_final is None and ex.need_final:
             dS_final = torch.zeros_like(G)
-        D_next = exchange_timer.run(lambda: ex.backward(G.contiguous(), dS_final), G.device)
+        D_next = _timed(ctx.timer, lambda: ex.backward(G.contiguous(), dS_final), G.device)
         dA = pairs.grad_transition(kind, D_next, S_start) if ctx.has_A else None
         dS_init = None
         if ctx.has_init and ctx.needs_input_grad[2]:
@@ -196,7 +212,18 @@ class _StateScan(torch.autograd.Function):
                 dS_init = pairs.apply_adjoint(kind, A, D_next) + G
             else:
                 dS_init = torch.zeros_like(G)
-        return dA, D_next, dS_init, None, None
+        return dA, D_next, dS_init, None, None, None
+
+
+def _bind(op: Callable, args: tuple, kwargs: dict) -> OpCall:
+    """The op's validated call from this rank's arguments (the op's own checks and errors)."""
+    spec = spec_of(op)
+    try:
+        return spec.bind(*args, **kwargs)
+    except TypeError as e:  # wrong positional count or an unknown keyword
+        raise ValueError(f"sequence_parallel: {spec.family.value}: {e}; pass the op's own "
+                         "tensors and keywords (scale, initial_state, output_final_state, "
+                         "backend)") from e
 
 
 def sequence_parallel(
@@ -207,6 +234,8 @@ def sequence_parallel(
     num_blocks: int | None = None,
     seq_len: int | None = None,
     check: bool = True,
+    timer: ExchangeTimer | None = None,
+    ablate_incoming_state: bool = False,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """Run ``op`` over a sequence split across the ranks of ``group``.
@@ -218,14 +247,18 @@ def sequence_parallel(
             must hold the same number of tokens.
         group: a ``torch.distributed`` process group (None: the default group). gloo (CPU
             tensors) and NCCL (CUDA tensors) work.
-        method: ``"allscan"`` (pipelined chain, ZeCO), ``"allgather"`` (LASP-2) or ``"ring"``
-            (LASP-1); see ``lsp.parallel.exchange`` for their costs.
+        method: one of ``lsp.parallel.METHODS``: ``"allscan"`` (pipelined chain, ZeCO),
+            ``"allgather"`` (LASP-2) or ``"ring"`` (LASP-1); see ``lsp.parallel.exchange``
+            for their costs.
         num_blocks: All-Scan blocks along V (default: ``exchange.default_num_blocks``).
         seq_len: optional global sequence length; when given it must equal ``P * T_local``.
         check: all-gather a description of the call first and raise on every rank if the ranks
             disagree (see Safety above). It costs one small collective (and, on NCCL, a host
             sync); a training loop with static shapes may pass ``check=False`` after its first
             step, on every rank alike.
+        timer: an :class:`ExchangeTimer` that adds up the time of the exchange, or None.
+        ablate_incoming_state: a diagnostic that drops the state arriving from earlier ranks
+            (the results are then wrong: it shows what the exchange carries). Off by default.
         **kwargs: the op's keywords: ``scale``, ``initial_state`` (the state before the whole
             global sequence, the same on every rank), ``output_final_state``, ``backend``.
 
@@ -234,27 +267,12 @@ def sequence_parallel(
         ``output_final_state=True``, the state after the whole global sequence (the same on
         every rank), else ``None``.
     """
-    family = _family_of(op)
-    if method not in METHODS:
-        raise ValueError(
-            f"sequence_parallel: method={method!r} is unknown; choose one of {METHODS}"
-        )
+    spec = spec_of(op)
+    check_method(method, "sequence_parallel: method")
     if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
         raise ValueError(f"sequence_parallel: num_blocks={num_blocks!r}; pass an int >= 1 or None")
-    kwargs = dict(kwargs)
-    q, k, v, beta, g = _split_args(family, args, kwargs)
-    initial_state = kwargs.pop("initial_state", None)
-    need_final = kwargs.pop("output_final_state", False)
-    scale = kwargs.pop("scale", None)
-    unknown = set(kwargs) - {"backend"}
-    if unknown:
-        raise ValueError(f"sequence_parallel: unknown keyword(s) {sorted(unknown)} for {family}")
-    # the op's own checks (DESIGN.md §3): named errors for shapes, dtypes, gates, scale, state
-    scale = op.sp_validate(q, k, v, beta, g, scale, initial_state, need_final,
-                           kwargs.get("backend", "auto"))
-    B_, T, H, K = q.shape
-    V = v.shape[-1]
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    call = _bind(op, args, kwargs)  # the op's own named errors, checked once
+    T, V = call.q.shape[1], call.v.shape[-1]
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(
@@ -268,22 +286,10 @@ def sequence_parallel(
             f"= {P * T}; shard the sequence into {P} equal contiguous parts "
             f"(seq_len must be divisible by {P})"
         )
-    kind = pairs.transition_kind(family, g)
-    n_blk = num_blocks if method == "allscan" else 1
-    meta = [_MAGIC, _FAMILY_CODE[family], _KIND_CODE[kind], METHODS.index(method), T, B_, H, K,
-            V, _DTYPE_CODE.get(q.dtype, 0), int(initial_state is not None), int(need_final),
-            0 if n_blk is None else n_blk, round(scale * 1e6)]
     if check:
-        _check_consistency(group, meta, q.device)
+        _check_consistency(group, CallMeta.of(call, method, num_blocks), call.q.device)
 
-    op_kwargs = dict(kwargs)
-    if family == "delta_rule":
-        local = pairs.delta_rule_local(op, q, k, v, beta, g, scale=scale,
-                                       state_dtype=state_dtype, op_kwargs=op_kwargs)
-    else:
-        local = pairs.linear_attention_local(op, q, k, v, g, scale=scale,
-                                             state_dtype=state_dtype, op_kwargs=op_kwargs)
-
+    local = pairs.local_pass(spec, call)
     A, B = local.pair()
     ready = None
     if B.is_cuda:
@@ -291,14 +297,15 @@ def sequence_parallel(
         ready.record()
     o0, qe = local.outputs()
 
-    S_init = None if initial_state is None else initial_state.to(state_dtype)
-    exchange = make_exchange(method, kind, group, need_final, num_blocks,
+    sd = call.state_dtype
+    S_init = None if call.initial_state is None else call.initial_state.to(sd)
+    exchange = make_exchange(method, call.transition, group, call.output_final_state, num_blocks,
                              state_bytes=B.numel() * B.element_size(), V=V)
-    S_start, S_final = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready)
-    if os.environ.get(_ZERO_INCOMING_ENV) == "1":
+    S_start, S_final = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
+    if ablate_incoming_state:
         S_start = torch.zeros_like(S_start)
 
     # o_t += qe_t @ S_start, per head: [T, K] @ [K, V]
-    corr = torch.einsum("bthk,bhkv->bthv", qe.to(state_dtype), S_start)
-    o = (o0.to(state_dtype) + corr).to(o0.dtype)
-    return o, (S_final if need_final else None)
+    corr = torch.einsum("bthk,bhkv->bthv", qe.to(sd), S_start)
+    o = (o0.to(sd) + corr).to(o0.dtype)
+    return o, (S_final if call.output_final_state else None)

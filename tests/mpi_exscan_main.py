@@ -42,15 +42,9 @@ for family in FAMILIES:
         sl = slice(rank * Tl, (rank + 1) * Tl)
         sh = {n: t.detach()[:, sl] for n, t in full.items() if n != "initial_state"}
         init = full["initial_state"].detach()
-        op, scale = OPS[family], K**-0.5
-        if family == "delta_rule":
-            local = pairs.delta_rule_local(op, sh["q"], sh["k"], sh["v"], sh["beta"], sh.get("g"),
-                                           scale=scale, state_dtype=torch.float64,
-                                           op_kwargs={"backend": "torch"})
-        else:
-            local = pairs.linear_attention_local(op, sh["q"], sh["k"], sh["v"], sh.get("g"),
-                                                 scale=scale, state_dtype=torch.float64,
-                                                 op_kwargs={"backend": "torch"})
+        op = OPS[family]
+        args = [sh["q"], sh["k"], sh["v"]] + ([sh["beta"]] if family == "delta_rule" else [])
+        local = pairs.local_pass(op.spec, op.spec.bind(*args, sh.get("g"), backend="torch"))
         A, Bst = local.pair()
         o0, qe = local.outputs()
         S_start_mpi, S_final_mpi = mpi_exscan_states(local.kind, A, Bst, init)
@@ -59,7 +53,6 @@ for family in FAMILIES:
             ex = make_exchange(method, local.kind, None, True, 2, Bst.numel() * 8, V)
             S_start, S_final = ex.forward(A, Bst.contiguous(), init)
             errs += [rel_err(S_start, S_start_mpi), rel_err(S_final, S_final_mpi)]
-            args = [sh["q"], sh["k"], sh["v"]] + ([sh["beta"]] if family == "delta_rule" else [])
             o, S = sequence_parallel(op, *args, sh.get("g"), method=method, initial_state=init,
                                      output_final_state=True, backend="torch")
             o_mpi = o0 + torch.einsum("bthk,bhkv->bthv", qe, S_start_mpi)

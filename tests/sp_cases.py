@@ -127,6 +127,8 @@ def run_errors(rank: int, P: int) -> dict:
     attempt("method", lambda: sequence_parallel(op, *shard(4), method=("allscan", "ring")[rank % 2]))
     attempt("shard_length", lambda: sequence_parallel(op, *shard(4 + rank % 2), method="allgather"))
     attempt("head_dim", lambda: sequence_parallel(op, *shard(4, Kd=4 + rank % 2), method="ring"))
+    attempt("dtype", lambda: sequence_parallel(
+        op, *[t.to((torch.float32, torch.float64)[rank % 2]) for t in shard(4)]))
     attempt("seq_len", lambda: sequence_parallel(op, *shard(4), seq_len=4 * P + 1))
     attempt("unknown_method", lambda: sequence_parallel(op, *shard(4), method="zigzag"))
     attempt("not_an_op", lambda: sequence_parallel(torch.matmul, *shard(4)))

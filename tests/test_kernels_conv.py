@@ -87,30 +87,26 @@ def test_layer_triton_backend_equals_torch_backend(activation, copies):
 
 def test_triton_backend_on_cpu_without_interpreter_names_the_fix(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    conv = ShortConvolution(8, 4)
-    conv.backend = "triton"
+    conv = ShortConvolution(8, 4, backend="triton")
     with pytest.raises(ValueError, match="conv_backend='torch' on CPU"):
         conv(torch.randn(1, 6, 8))
-    conv.backend = "cuda"
     with pytest.raises(ValueError, match="use one of"):
-        conv(torch.randn(1, 6, 8))
+        ShortConvolution(8, 4, backend="cuda")
 
 
 def test_model_config_conv_backend_is_checked():
-    from lsp.launch.train import compose
-    from lsp.train.loop import validate_config
+    from lsp.train.config import load_config
 
-    cfg = compose(["model.conv_backend=cuda"])
     with pytest.raises(ValueError, match="conv_backend='cuda'"):
-        validate_config(cfg, 2)
+        load_config(["model.conv_backend=cuda"])
 
 
 def test_triton_convolutions_on_cpu_ranks_are_refused_before_start(monkeypatch):
-    from lsp.launch.train import main
+    from lsp.launch.train import run_cli
 
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="use model.conv_backend=torch"):
-        main(["model.conv_backend=triton", "parallel.dist_backend=gloo"])
+        run_cli(["model.conv_backend=triton", "parallel.dist_backend=gloo"])
 
 
 SCRIPT = r"""

@@ -99,7 +99,7 @@ def _moe_step_rank(rank, world):
     from lsp.layers.ffn import MoEFFN
     from lsp.model import DecoderLM, ModelConfig
     from lsp.parallel.topology import destroy_topology, init_topology
-    from lsp.train.loop import apply_activation_checkpointing
+    from lsp.train.recompute import apply_activation_checkpointing
 
     topo = init_topology(1, 1, 1)
     cfg = ModelConfig(vocab_size=64, hidden_size=32, pattern="GS", num_heads=2, head_dim=16,
@@ -178,9 +178,9 @@ def _grads_without_and_with(world, cfg, prepare, mode=None):
 def _sac_rank(rank, world, save_attention):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lsp.train.loop import _attention_ops, apply_activation_checkpointing
+    from lsp.train.recompute import apply_activation_checkpointing, attention_ops
 
-    attention = _attention_ops()
+    attention = attention_ops()
 
     class CountKernelRuns(TorchDispatchMode):
         # outside checkpointing's own mode: sees an op only when it really runs, not when
@@ -216,9 +216,9 @@ def test_conv_recompute_keeps_only_its_input_and_gives_the_same_gradients():
     x = torch.randn(2, 20, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     res = []
     for recompute in (False, True):
-        conv = ShortConvolution(6, 4, ParallelContext(params_dtype=torch.float64))
+        conv = ShortConvolution(6, 4, ParallelContext(params_dtype=torch.float64),
+                                recompute=recompute)
         init_parameters(conv, seed=1, tp=1)
-        conv.recompute = recompute
         xi = x.clone().requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(
@@ -234,7 +234,7 @@ def test_conv_recompute_keeps_only_its_input_and_gives_the_same_gradients():
 
 
 def _offload_rank(rank, world):
-    from lsp.train import loop
+    from lsp.train import recompute as loop
 
     packed = []
 
@@ -283,7 +283,7 @@ def _replay_rank(rank, world, offload):
     from torch.utils.checkpoint import CheckpointError, checkpoint
 
     from lsp.layers.ffn import MoEFFN
-    from lsp.train.loop import apply_activation_checkpointing
+    from lsp.train.recompute import apply_activation_checkpointing
 
     def perturb(model):
         for m in model.modules():

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lsp.layers import DeltaNet, MoEFFN, ParallelContext, SoftmaxAttention
-from lsp.model import DecoderLM, ModelConfig, check_config, split_batch
+from lsp.model import DecoderLM, ModelConfig, split_batch
 
 SMALL = dict(vocab_size=64, hidden_size=32, num_heads=4, head_dim=8, ffn_hidden_size=64)
 
@@ -32,12 +32,12 @@ def no_process_group():
 
 def test_heads_not_divisible_by_tp():
     cfg = ModelConfig(**{**SMALL, "num_heads": 3}, pattern="G")
-    with pytest.raises(ValueError, match=r"num_heads=3 is not divisible by tp=2.*choose tp dividing 3"):
+    with pytest.raises(ValueError, match=r"num_heads=3 is not divisible by the tensor-parallel size tp=2.*choose tp dividing 3"):
         DecoderLM(cfg, ctx_for(tp=2))
     with pytest.raises(ValueError, match=r"num_heads=6 is not divisible by the tensor-parallel size tp=4"):
         DeltaNet(32, 6, 8, ctx=ctx_for(tp=4))
-    with pytest.raises(ValueError, match=r"num_kv_heads=2 is not divisible by tp=4"):
-        check_config(ModelConfig(**SMALL, pattern="S", num_kv_heads=2), tp=4)
+    with pytest.raises(ValueError, match=r"num_kv_heads=2 is not divisible by the tensor-parallel size tp=4"):
+        ModelConfig(**SMALL, pattern="S", num_kv_heads=2).check_layout(tp=4)
     with pytest.raises(ValueError, match=r"num_kv_heads=1 is not divisible by the tensor-parallel size tp=2"):
         SoftmaxAttention(32, 4, 8, num_kv_heads=1, ctx=ctx_for(tp=2))
 
@@ -58,9 +58,9 @@ def test_sequence_length_not_divisible_by_cp():
     with pytest.raises(ValueError, match=r"sequence length 25 is not divisible by cp\*tp = 2\*1 = 2"):
         split_batch(ids, ctx_for(cp=2), cfg)
     with pytest.raises(ValueError, match=r"sequence length 30 is not divisible by cp\*tp = 2\*2 = 4"):
-        check_config(cfg, tp=2, cp=2, seq_length=30)
+        cfg.check_layout(tp=2, cp=2, seq_length=30)
     with pytest.raises(ValueError, match=r"gives 2 tokens per rank, fewer than the 3"):
-        check_config(cfg, cp=4, seq_length=8)
+        cfg.check_layout(cp=4, seq_length=8)
     with pytest.raises(ValueError, match=r"batch size 3 is not divisible by the data-parallel size dp=2"):
         split_batch(torch.zeros(3, 8, dtype=torch.long), ctx_for(dp=2), cfg)
     model = DecoderLM(cfg, ParallelContext(backend="torch"))
@@ -72,27 +72,27 @@ def test_sequence_length_not_divisible_by_cp():
 def test_unknown_pattern_letter():
     with pytest.raises(ValueError, match=r"unknown mixer letter 'X' at position 1 of pattern 'GXS'; "
                                          r"use one of L=LinearAttention, D=DeltaNet"):
-        DecoderLM(ModelConfig(**SMALL, pattern="GXS"))
+        ModelConfig(**SMALL, pattern="GXS")
     with pytest.raises(ValueError, match=r"unknown FFN letter 'Z' at position 0"):
-        check_config(ModelConfig(**SMALL, pattern="G", ffn_pattern="Z"))
+        ModelConfig(**SMALL, pattern="G", ffn_pattern="Z")
     with pytest.raises(ValueError, match=r"has 1 letters but pattern 'GG' has 2"):
-        check_config(ModelConfig(**SMALL, pattern="GG", ffn_pattern="F"))
+        ModelConfig(**SMALL, pattern="GG", ffn_pattern="F")
     with pytest.raises(ValueError, match=r"asks for MoE layers but num_experts=0"):
-        check_config(ModelConfig(**SMALL, pattern="G", ffn_pattern="E"))
+        ModelConfig(**SMALL, pattern="G", ffn_pattern="E")
     with pytest.raises(ValueError, match="pattern is empty"):
-        check_config(ModelConfig(**SMALL, pattern=""))
+        ModelConfig(**SMALL, pattern="")
 
 
 def test_other_config_errors_name_the_value():
-    with pytest.raises(ValueError, match=r"sp_method='zigzag' is not a sequence-parallel exchange method"):
+    with pytest.raises(ValueError, match=r"sp_method='zigzag' is unknown; choose one of"):
         ParallelContext(sp_method="zigzag")
     with pytest.raises(ValueError, match=r"vocab_size=63 is not divisible by tp=2"):
-        check_config(ModelConfig(**{**SMALL, "vocab_size": 63}, pattern="G"), tp=2)
+        ModelConfig(**{**SMALL, "vocab_size": 63}, pattern="G").check_layout(tp=2)
     with pytest.raises(ValueError, match=r"la_decay='slow'"):
-        check_config(ModelConfig(**SMALL, pattern="L", la_decay="slow"))
+        ModelConfig(**SMALL, pattern="L", la_decay="slow")
     with pytest.raises(ValueError, match=r"mom_topk=5 must lie in \[1, mom_num_memories=4\]"):
-        check_config(ModelConfig(**SMALL, pattern="M", mom_topk=5))
+        ModelConfig(**SMALL, pattern="M", mom_topk=5)
     with pytest.raises(ValueError, match=r"moe_topk=3 must lie in \[1, num_experts=2\]"):
-        check_config(ModelConfig(**SMALL, pattern="G", num_experts=2, moe_topk=3))
+        ModelConfig(**SMALL, pattern="G", num_experts=2, moe_topk=3)
     with pytest.raises(ValueError, match=r"unknown model config keys \['heads'\]"):
         ModelConfig.from_dict({"heads": 4})

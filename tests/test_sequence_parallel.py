@@ -77,9 +77,10 @@ def test_allscan_block_counts():
 def test_mismatches_raise_on_every_rank():
     per_rank = run_ranks(sp_cases.run_errors, 2)
     for rank, out in enumerate(per_rank):
-        assert "disagree on method=[1, 2]" in out["method"], out["method"]
+        assert "disagree on method=[allscan, ring]" in out["method"], out["method"]
         assert "disagree on T_local=[4, 5]" in out["shard_length"], out["shard_length"]
         assert "K=[4, 5]" in out["head_dim"], out["head_dim"]
+        assert "dtype=[float32, float64]" in out["dtype"], out["dtype"]
         assert "seq_len=9 does not match 2 ranks x 4 local tokens" in out["seq_len"]
         assert "method='zigzag' is unknown" in out["unknown_method"]
         assert "is not an lsp op" in out["not_an_op"]

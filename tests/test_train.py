@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,17 +119,17 @@ def _mqar_accuracy(run: Path) -> float:
     return [r["accuracy"] for r in rows if "accuracy" in r][-1]
 
 
-def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path, monkeypatch):
+def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
     """Keys on rank 0, queries on rank 1: learnt with the exchange, chance without it."""
     main(["experiment=mqar", f"run_dir={tmp_path / 'ok'}"])
     assert _mqar_accuracy(tmp_path / "ok") >= 0.8
-    monkeypatch.setenv("LSP_TEST_ZERO_INCOMING_STATE", "1")  # test-only ablation switch
-    main(["experiment=mqar", f"run_dir={tmp_path / 'ablated'}"])
+    main(["experiment=mqar", "parallel.ablate_incoming_state=true",
+          f"run_dir={tmp_path / 'ablated'}"])
     assert _mqar_accuracy(tmp_path / "ablated") <= 0.3
 
 
 @pytest.mark.parametrize("overrides,pattern", [
-    (["parallel.tp=2", "model.num_heads=3"], r"num_heads=3 is not divisible by tp=2"),
+    (["parallel.tp=2", "model.num_heads=3"], r"num_heads=3 is not divisible by the tensor-parallel size tp=2"),
     (["model.num_experts=3", "parallel.ep=2"], r"num_experts=3 is not divisible by the expert-parallel size ep=2"),
     (["train.seq_len=63"], r"sequence length 63 is not divisible by cp\*tp = 2\*1"),
     (["model.pattern=GXS", "model.ffn_pattern=FFF"], r"unknown mixer letter 'X'"),
@@ -137,9 +138,13 @@ def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path, monkeypatch):
     (["data.reset_state_at_document_boundaries=true"], r"needs document boundaries \(cu_seqlens\)"),
     (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),
 ])
-def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_path):
-    with pytest.raises(Exception, match=pattern):
+def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(overrides + [f"run_dir={tmp_path}"])
+    assert exit_info.value.code == 2  # a user's mistake: one line, no traceback, as argparse
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lsp-train: config error: "), err
+    assert re.search(pattern, err[0]), err
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -203,17 +208,18 @@ def test_step_watchdog_fires_only_while_armed(capsys):
 
 
 def test_the_1m_experiment_composes_and_validates_for_two_ranks():
-    from lsp.train.loop import validate_config
+    from lsp.train.config import load_config
 
-    cfg = compose(["experiment=1m_context_2gpu"])
+    cfg = load_config(["experiment=1m_context_2gpu"])
     assert cfg.train.seq_len == 1048576 and cfg.parallel.cp == 2
     assert not cfg.model.fp32_residual_connection and cfg.model.mom_memory_checkpointing
     # measured on 2 GPUs (README): the overlapped balanced exchange and the Triton convolution
     assert cfg.parallel.attention_balance_overlap and cfg.model.conv_backend == "triton"
-    _, mcfg, dp, gbatch, accum = validate_config(cfg, 2)
-    assert (dp, gbatch, accum) == (1, 1, 1) and mcfg.pattern.count("S") == 2
+    layout = cfg.resolve(2)
+    assert (layout.dp, layout.global_batch, layout.accum) == (1, 1, 1)
+    assert cfg.model.pattern.count("S") == 2
     with pytest.raises(ValueError, match="not divisible"):
-        validate_config(cfg, 3)  # 3 ranks cannot hold CP=2
+        cfg.resolve(3)  # 3 ranks cannot hold CP=2
 
 
 def test_a_failing_launched_rank_prints_its_error_and_exits_at_once(tmp_path):

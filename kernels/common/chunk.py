@@ -19,6 +19,7 @@ import torch
 import triton
 
 from ..delta_net.intra import intra_fwd_kernel, wy_bwd_blocked_kernel, wy_bwd_kernel
+from ..kinds import Gate
 from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
@@ -50,7 +51,7 @@ class _Cfg:
         self.dtype = q.dtype
         self.BT = chunk_size
         self.NT = triton.cdiv(self.T, self.BT)
-        self.gate = 0 if g is None else (1 if g.dim() == 3 else 2)
+        self.gate = Gate.of(g)
         self.delta = beta is not None
         self.BK = next_pow2(self.K)
         self.BV = state_block_v(self.BK, self.V)
@@ -80,8 +81,8 @@ def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
 def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool):
     """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U."""
     G = chunk_cumsum(g, cfg.BT) if cfg.gate else None
-    Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False) if cfg.gate == 2 else None
-    Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True) if cfg.gate == 2 and cfg.delta else None
+    Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False) if cfg.gate == Gate.KEY else None
+    Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True) if cfg.gate == Gate.KEY and cfg.delta else None
     w = u = TA = None
     if cfg.delta:
         w, u, TA = _intra(cfg, k, v, beta, G, Pm, store_ta)
@@ -233,14 +234,14 @@ class ChunkFunction(torch.autograd.Function):
         ds_start = _state_bwd(cfg, 1, q, k, w, G, Aqk, do, dh, dr, ds0, scale)
         dinit = ds_start[:, :, 0].to(ctx.init_dtype) if ctx.has_init else None
 
-        vec = cfg.gate == 2
+        vec = cfg.gate == Gate.KEY
         dq = torch.empty(q.shape, **f32) if vec else torch.empty_like(q)
         dk = torch.empty(k.shape, **f32) if (vec or cfg.delta) else torch.empty_like(k)
         dw = torch.empty(k.shape, **f32) if cfg.delta else dq
-        final_g = cfg.gate == 1 and not cfg.delta
+        final_g = cfg.gate == Gate.HEAD and not cfg.delta
         dG = torch.empty(g.shape, **f32) if (cfg.gate and not final_g) else dq
         dGl = (torch.empty((B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)
-        dg = torch.empty_like(g) if cfg.gate == 1 else None
+        dg = torch.empty_like(g) if cfg.gate == Gate.HEAD else None
         dAqk = torch.empty(B, T, H, BT, **f32) if vec else dq
         launch(grad_kernel, (NT, B * H),
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,

@@ -13,7 +13,6 @@ import os
 import torch
 import triton
 
-DEFAULT_CHUNK_SIZE = 64
 SUB_CHUNK = 16  # rows per sub-chunk (blocked triangular solve, per-channel gate blocks)
 MAX_K = 256
 

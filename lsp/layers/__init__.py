@@ -28,17 +28,19 @@ from lsp.layers.init import init_parameters
 from lsp.layers.linear_attention import LinearAttention
 from lsp.layers.mom import MixtureOfMemories
 from lsp.layers.norm import HeadRMSNorm, RMSNorm
+from lsp.layers.symbols import Symbols
 
 MIXERS = {
-    "L": LinearAttention,
-    "D": DeltaNet,
-    "G": GatedDeltaNet,
-    "M": MixtureOfMemories,
-    "S": SoftmaxAttention,
+    Symbols.LINEAR_ATTENTION: LinearAttention,
+    Symbols.DELTANET: DeltaNet,
+    Symbols.GATED_DELTANET: GatedDeltaNet,
+    Symbols.MIXTURE_OF_MEMORIES: MixtureOfMemories,
+    Symbols.SOFTMAX_ATTENTION: SoftmaxAttention,
 }
 
 __all__ = [
     "MIXERS",
+    "Symbols",
     "SP_METHODS",
     "ParallelContext",
     "sequence_op",

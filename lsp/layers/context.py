@@ -13,6 +13,7 @@ and the layers then run on a single CPU or GPU with no process group at all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from lsp.parallel.exchange import METHODS as SP_METHODS  # the one list, re-exported
+from lsp.parallel.exchange import check_method
 
 __all__ = [
     "ParallelContext",
@@ -34,7 +38,6 @@ __all__ = [
     "local_heads",
 ]
 
-SP_METHODS = ("allgather", "allscan", "ring")
 
 InitFn = Callable[[tuple, torch.Generator], Tensor]
 
@@ -59,13 +62,18 @@ class ParallelContext:
         backend: op backend passed to ``lsp.ops`` (``"auto"``, ``"torch"``, ``"triton"``).
         params_dtype: parameter dtype of the layers.
         sp_check: let ``sequence_parallel`` verify that the ranks agree on every call (one small
-            collective per call; a loop with static shapes may turn it off after a first step).
+            collective per call); :meth:`sp_checks` switches it for one forward (a loop with
+            static shapes checks its first step only).
         sp_num_blocks: All-Scan blocks (``None``: ``lsp.parallel``'s default).
         cp_attention_balance: softmax attention under CP splits its work evenly over the ranks
             (``lsp.parallel.cp_attention``) instead of each rank scoring its own queries.
         cp_attention_overlap: with ``cp_attention_balance``, start the moved rows' exchange
             before the rank's own blocks so that a pair works at once (see
             ``balanced_causal_attention``); off: own blocks first, then the exchange.
+        exchange_timer: a ``lsp.parallel.sequence.ExchangeTimer`` that adds up the state
+            exchange's time (the training log's ``exchange_share``), or None.
+        ablate_incoming_state: a diagnostic: drop the state that arrives from earlier CP ranks
+            (wrong results by design; it shows what the exchange carries).
     """
 
     topo: object | None = None
@@ -76,17 +84,25 @@ class ParallelContext:
     sp_num_blocks: int | None = None
     cp_attention_balance: bool = False
     cp_attention_overlap: bool = False
+    exchange_timer: object | None = None
+    ablate_incoming_state: bool = False
 
     def __post_init__(self):
         if self.cp_attention_overlap and not self.cp_attention_balance:
             raise ValueError("cp_attention_overlap=True overlaps the balanced attention's "
                              "exchange; it needs cp_attention_balance=True "
                              "(parallel.attention_load_balance=true)")
-        if self.sp_method not in SP_METHODS:
-            raise ValueError(
-                f"sp_method={self.sp_method!r} is not a sequence-parallel exchange method; "
-                f"use one of {SP_METHODS}"
-            )
+        check_method(self.sp_method, "sp_method")
+
+    @contextlib.contextmanager
+    def sp_checks(self, enabled: bool):
+        """Within the block, sequence-parallel calls check (or skip checking) that the ranks
+        agree; every rank must pass the same ``enabled``."""
+        before, self.sp_check = self.sp_check, enabled
+        try:
+            yield
+        finally:
+            self.sp_check = before
 
     # sizes and ranks -------------------------------------------------------------------------
     @property
@@ -186,7 +202,9 @@ def sequence_op(op, *args, ctx: ParallelContext, **kwargs) -> Tensor:
     from lsp.parallel import sequence_parallel
 
     out, _ = sequence_parallel(op, *args, group=ctx.cp_group, method=ctx.sp_method,
-                               num_blocks=ctx.sp_num_blocks, check=ctx.sp_check, **kwargs)
+                               num_blocks=ctx.sp_num_blocks, check=ctx.sp_check,
+                               timer=ctx.exchange_timer,
+                               ablate_incoming_state=ctx.ablate_incoming_state, **kwargs)
     return out
 
 

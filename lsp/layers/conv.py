@@ -27,23 +27,24 @@ class ShortConvolution(nn.Module):
         channels: total channels over all TP ranks; kernel_size: ``w``;
         activation: ``"silu"`` or ``None``.
 
-    ``recompute`` (attribute, default off): keep only the input for backward and recompute the
+    ``recompute`` (default off): keep only the input for backward and recompute the
     convolution there (a nested activation checkpoint around everything after the halo
     exchange); the plain form keeps the padded input copy and the pre-activation output, two
     activations per convolution (3 GB per Gated DeltaNet layer at 512K tokens).
 
-    ``backend`` (attribute, default ``"torch"``): ``"triton"`` runs ``lsp.kernels.conv.short_conv``
+    ``backend`` (default ``"torch"``): ``"triton"`` runs ``lsp.kernels.conv.short_conv``
     on the ``[B, T, C]`` layout in place (no transposed copies; the activation fused; only the
     padded input saved, so ``recompute`` has nothing left to save and is not applied). It needs
     CUDA tensors (or Triton's interpreter, ``TRITON_INTERPRET=1``, in tests).
     """
 
-    recompute: bool = False
-    backend: str = "torch"
-
     def __init__(self, channels: int, kernel_size: int, ctx: ParallelContext | None = None,
-                 activation: str | None = "silu"):
+                 activation: str | None = "silu", *, backend: str = "torch",
+                 recompute: bool = False):
         super().__init__()
+        if backend not in CONV_BACKENDS:
+            raise ValueError(f"ShortConvolution backend={backend!r}: use one of {CONV_BACKENDS}")
+        self.backend, self.recompute = backend, recompute
         if kernel_size < 1:
             raise ValueError(f"conv kernel_size={kernel_size}: use a width >= 1")
         if activation not in ("silu", None):
@@ -61,8 +62,6 @@ class ShortConvolution(nn.Module):
         kernel); returns the same shape."""
         from lsp.parallel.halo import halo_exchange
 
-        if self.backend not in CONV_BACKENDS:
-            raise ValueError(f"ShortConvolution.backend={self.backend!r}: use one of {CONV_BACKENDS}")
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
         if self.backend == "triton":

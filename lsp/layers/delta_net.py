@@ -67,6 +67,8 @@ class _DeltaRuleMixer(nn.Module):
         expand_v: float = 1.0,
         use_short_conv: bool = True,
         conv_size: int = 4,
+        conv_backend: str = "torch",
+        conv_recompute: bool = False,
         use_output_gate: bool | None = None,
         norm_eps: float = 1e-5,
         ctx: ParallelContext | None = None,
@@ -90,10 +92,11 @@ class _DeltaRuleMixer(nn.Module):
             self.a_proj = ColumnLinear(D, H, ctx, init=init)
             self.A_log = head_parameter((H,), ctx, a_log_init)
             self.dt_bias = head_parameter((H,), ctx, dt_bias_init)
+        conv = dict(backend=conv_backend, recompute=conv_recompute)
         if use_short_conv:
-            self.q_conv = ShortConvolution(H * self.dk, conv_size, ctx)
-            self.k_conv = ShortConvolution(H * self.dk, conv_size, ctx)
-            self.v_conv = ShortConvolution(H * self.dv, conv_size, ctx)
+            self.q_conv = ShortConvolution(H * self.dk, conv_size, ctx, **conv)
+            self.k_conv = ShortConvolution(H * self.dk, conv_size, ctx, **conv)
+            self.v_conv = ShortConvolution(H * self.dv, conv_size, ctx, **conv)
         if self.use_output_gate:
             self.g_proj = ColumnLinear(D, H * self.dv, ctx, init=init)
         self.o_norm = HeadRMSNorm(H, self.dv, ctx, eps=norm_eps, gated=self.use_output_gate)

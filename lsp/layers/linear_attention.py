@@ -77,6 +77,8 @@ class LinearAttention(nn.Module):
         qk_norm: str = "none",
         use_short_conv: bool = False,
         conv_size: int = 4,
+        conv_backend: str = "torch",
+        conv_recompute: bool = False,
         use_output_gate: bool = True,
         gate_low_rank_dim: int = 16,
         gate_logit_normalizer: float = 16.0,
@@ -103,10 +105,11 @@ class LinearAttention(nn.Module):
         self.q_proj = ColumnLinear(D, H * self.dk, ctx, init=init)
         self.k_proj = ColumnLinear(D, H * self.dk, ctx, init=init)
         self.v_proj = ColumnLinear(D, H * self.dv, ctx, init=init)
+        conv = dict(backend=conv_backend, recompute=conv_recompute)
         if use_short_conv:
-            self.q_conv = ShortConvolution(H * self.dk, conv_size, ctx, activation=None)
-            self.k_conv = ShortConvolution(H * self.dk, conv_size, ctx, activation=None)
-            self.v_conv = ShortConvolution(H * self.dv, conv_size, ctx, activation=None)
+            self.q_conv = ShortConvolution(H * self.dk, conv_size, ctx, activation=None, **conv)
+            self.k_conv = ShortConvolution(H * self.dk, conv_size, ctx, activation=None, **conv)
+            self.v_conv = ShortConvolution(H * self.dv, conv_size, ctx, activation=None, **conv)
         if decay == "fixed":
             heads = torch.arange(H, dtype=torch.float64)
             log_a = torch.log1p(-torch.pow(2.0, -5.0 - heads))

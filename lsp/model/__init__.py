@@ -6,12 +6,11 @@
     out.loss.backward(); reduce_gradients(model, topo)
 """
 
-from lsp.model.config import FFN_LETTERS, MIXER_LETTERS, ModelConfig, check_config
+from lsp.model.config import FFN_LETTERS, MIXER_LETTERS, ModelConfig
 from lsp.model.decoder import Block, DecoderLM, LMOutput, split_batch
 
 __all__ = [
     "ModelConfig",
-    "check_config",
     "MIXER_LETTERS",
     "FFN_LETTERS",
     "DecoderLM",

@@ -5,33 +5,31 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from lsp.layers.common import FEATURE_MAPS
+from lsp.layers.context import local_heads
 from lsp.layers.conv import CONV_BACKENDS
-from lsp.layers.context import SP_METHODS
 from lsp.layers.linear_attention import DECAYS, QK_NORMS
+from lsp.layers.symbols import Symbols
 
-__all__ = ["ModelConfig", "MIXER_LETTERS", "FFN_LETTERS", "check_config"]
+__all__ = ["ModelConfig", "MIXER_LETTERS", "FFN_LETTERS", "check_sequence"]
 
-MIXER_LETTERS = {
-    "L": "LinearAttention",
-    "D": "DeltaNet",
-    "G": "GatedDeltaNet",
-    "M": "MixtureOfMemories",
-    "S": "SoftmaxAttention",
-}
-FFN_LETTERS = {"E": "MoE", "F": "dense SwiGLU", "-": "none"}
+MIXER_LETTERS = Symbols.MIXERS
+FFN_LETTERS = Symbols.FFNS
 
 
 @dataclass
 class ModelConfig:
     """A hybrid decoder: one token mixer per letter of ``pattern``, one FFN per letter of
     ``ffn_pattern`` (``E`` MoE, ``F`` dense, ``-`` none; default all ``E`` when
-    ``num_experts > 0`` else all ``F``).
+    ``num_experts > 0`` else all ``F``); the letters are ``lsp.layers.Symbols``.
 
     Mixer letters: ``L`` LinearAttention, ``D`` DeltaNet, ``G`` GatedDeltaNet, ``M``
     MixtureOfMemories, ``S`` SoftmaxAttention.
+
+    A ``ModelConfig`` is valid by construction (``__post_init__`` raises ``ValueError`` naming
+    the value and the fix); :meth:`check_layout` checks it against a parallel layout.
     """
 
-    vocab_size: int = 256
+    vocab_size: int | None = 256  # None only to report a missing data.vocab_size clearly
     hidden_size: int = 256
     pattern: str = "GGGS"
     ffn_pattern: str | None = None
@@ -85,7 +83,7 @@ class ModelConfig:
     def ffn_kinds(self) -> str:
         if self.ffn_pattern is not None:
             return self.ffn_pattern
-        return ("E" if self.num_experts else "F") * self.num_layers
+        return (Symbols.MOE if self.num_experts else Symbols.DENSE_FFN) * self.num_layers
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -95,88 +93,88 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(names)}")
         return cls(**d)
 
+    def __post_init__(self):
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size={self.vocab_size!r}; set it (or data.vocab_size, "
+                             "which it takes by default) to the tokenizer's vocabulary size")
+        if not self.pattern:
+            raise ValueError("pattern is empty: give one mixer letter per layer, e.g. 'GGGS'")
+        for i, letter in enumerate(self.pattern):
+            if letter not in Symbols.MIXERS:
+                known = ", ".join(f"{k}={v}" for k, v in Symbols.MIXERS.items())
+                raise ValueError(
+                    f"unknown mixer letter {letter!r} at position {i} of pattern "
+                    f"{self.pattern!r}; use one of {known}"
+                )
+        kinds = self.ffn_kinds()
+        if len(kinds) != self.num_layers:
+            raise ValueError(
+                f"ffn_pattern {kinds!r} has {len(kinds)} letters but pattern {self.pattern!r} "
+                f"has {self.num_layers}; give one FFN letter per layer"
+            )
+        for i, letter in enumerate(kinds):
+            if letter not in Symbols.FFNS:
+                known = ", ".join(f"{k}={v}" for k, v in Symbols.FFNS.items())
+                raise ValueError(
+                    f"unknown FFN letter {letter!r} at position {i} of ffn_pattern {kinds!r}; "
+                    f"use one of {known}"
+                )
+        for name in ("hidden_size", "num_heads", "head_dim", "ffn_hidden_size", "conv_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; it must be an integer >= 1")
+        if Symbols.MOE in kinds:
+            if self.num_experts <= 0:
+                raise ValueError(
+                    f"ffn_pattern {kinds!r} asks for MoE layers but num_experts="
+                    f"{self.num_experts}; set num_experts > 0 or use 'F' layers"
+                )
+            if not 1 <= self.moe_topk <= self.num_experts:
+                raise ValueError(f"moe_topk={self.moe_topk} must lie in [1, num_experts="
+                                 f"{self.num_experts}]")
+        for name, value, choices in (("la_decay", self.la_decay, DECAYS),
+                                     ("la_feature_map", self.la_feature_map, FEATURE_MAPS),
+                                     ("la_qk_norm", self.la_qk_norm, QK_NORMS),
+                                     ("conv_backend", self.conv_backend, CONV_BACKENDS)):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}: use one of {choices}")
+        if (Symbols.MIXTURE_OF_MEMORIES in self.pattern
+                and not 1 <= self.mom_topk <= self.mom_num_memories):
+            raise ValueError(f"mom_topk={self.mom_topk} must lie in [1, mom_num_memories="
+                             f"{self.mom_num_memories}]")
+        if Symbols.SOFTMAX_ATTENTION in self.pattern and self.num_heads % self.kv_heads:
+            raise ValueError(f"num_kv_heads={self.kv_heads} must divide num_heads={self.num_heads}")
 
-def check_config(cfg: ModelConfig, tp: int = 1, cp: int = 1, ep: int = 1,
-                 seq_length: int | None = None, sp_method: str = "allscan") -> None:
-    """Raise ``ValueError`` (value and fix) for a config that cannot run under this layout.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
-    Purely local: call it before any collective (``DecoderLM`` does, and ``split_batch`` checks
-    the sequence length).
-    """
-    if not cfg.pattern:
-        raise ValueError("pattern is empty: give one mixer letter per layer, e.g. 'GGGS'")
-    for i, letter in enumerate(cfg.pattern):
-        if letter not in MIXER_LETTERS:
-            known = ", ".join(f"{k}={v}" for k, v in MIXER_LETTERS.items())
-            raise ValueError(
-                f"unknown mixer letter {letter!r} at position {i} of pattern {cfg.pattern!r}; "
-                f"use one of {known}"
-            )
-    kinds = cfg.ffn_kinds()
-    if len(kinds) != cfg.num_layers:
-        raise ValueError(
-            f"ffn_pattern {kinds!r} has {len(kinds)} letters but pattern {cfg.pattern!r} has "
-            f"{cfg.num_layers}; give one FFN letter per layer"
-        )
-    for i, letter in enumerate(kinds):
-        if letter not in FFN_LETTERS:
-            known = ", ".join(f"{k}={v}" for k, v in FFN_LETTERS.items())
-            raise ValueError(
-                f"unknown FFN letter {letter!r} at position {i} of ffn_pattern {kinds!r}; "
-                f"use one of {known}"
-            )
-    if "E" in kinds and cfg.num_experts <= 0:
-        raise ValueError(
-            f"ffn_pattern {kinds!r} asks for MoE layers but num_experts={cfg.num_experts}; "
-            f"set num_experts > 0 or use 'F' layers"
-        )
-    if sp_method not in SP_METHODS:
-        raise ValueError(f"sp_method={sp_method!r}: use one of {SP_METHODS}")
-    if cfg.la_decay not in DECAYS:
-        raise ValueError(f"la_decay={cfg.la_decay!r}: use one of {DECAYS}")
-    if cfg.la_feature_map not in FEATURE_MAPS:
-        raise ValueError(f"la_feature_map={cfg.la_feature_map!r}: use one of {FEATURE_MAPS}")
-    if cfg.la_qk_norm not in QK_NORMS:
-        raise ValueError(f"la_qk_norm={cfg.la_qk_norm!r}: use one of {QK_NORMS}")
-    if cfg.conv_backend not in CONV_BACKENDS:
-        raise ValueError(f"conv_backend={cfg.conv_backend!r}: use one of {CONV_BACKENDS}")
+    def check_layout(self, tp: int = 1, cp: int = 1, ep: int = 1,
+                     seq_length: int | None = None) -> None:
+        """Raise ``ValueError`` (value and fix) when this model cannot run under the layout.
 
-    if cfg.num_heads % tp:
-        raise ValueError(
-            f"num_heads={cfg.num_heads} is not divisible by tp={tp}; heads are split over TP "
-            f"ranks, so choose tp dividing {cfg.num_heads} (or a head count divisible by {tp})"
-        )
-    kv = cfg.num_kv_heads or cfg.num_heads
-    if "S" in cfg.pattern:
-        if cfg.num_heads % kv:
-            raise ValueError(f"num_kv_heads={kv} must divide num_heads={cfg.num_heads}")
-        if kv % tp:
+        Purely local: call it before any collective (``DecoderLM`` does, and the launcher before
+        any process starts).
+        """
+        local_heads(self.num_heads, tp)
+        if Symbols.SOFTMAX_ATTENTION in self.pattern:
+            local_heads(self.kv_heads, tp, "num_kv_heads")
+        if self.vocab_size % tp:
             raise ValueError(
-                f"num_kv_heads={kv} is not divisible by tp={tp}; choose tp dividing {kv}"
+                f"vocab_size={self.vocab_size} is not divisible by tp={tp}; the vocabulary is "
+                f"split over TP ranks, so pad it to a multiple of {tp}"
             )
-    if cfg.vocab_size % tp:
-        raise ValueError(
-            f"vocab_size={cfg.vocab_size} is not divisible by tp={tp}; the vocabulary is split "
-            f"over TP ranks, so pad it to a multiple of {tp}"
-        )
-    for name, width in (("ffn_hidden_size", cfg.ffn_hidden_size),
-                        ("moe_shared_expert_size", cfg.moe_shared_expert_size or 0)):
-        if width % tp:
-            raise ValueError(f"{name}={width} is not divisible by tp={tp}")
-    if "E" in kinds:
-        if cfg.num_experts % ep:
+        for name, width in (("ffn_hidden_size", self.ffn_hidden_size),
+                            ("moe_shared_expert_size", self.moe_shared_expert_size or 0)):
+            if width % tp:
+                raise ValueError(f"{name}={width} is not divisible by tp={tp}")
+        if Symbols.MOE in self.ffn_kinds() and self.num_experts % ep:
             raise ValueError(
-                f"num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
-                f"ep={ep}; choose ep dividing {cfg.num_experts} (or more experts)"
+                f"num_experts={self.num_experts} is not divisible by the expert-parallel size "
+                f"ep={ep}; choose ep dividing {self.num_experts} (or more experts)"
             )
-        if not 1 <= cfg.moe_topk <= cfg.num_experts:
-            raise ValueError(f"moe_topk={cfg.moe_topk} must lie in [1, num_experts={cfg.num_experts}]")
-    if "M" in cfg.pattern and not 1 <= cfg.mom_topk <= cfg.mom_num_memories:
-        raise ValueError(
-            f"mom_topk={cfg.mom_topk} must lie in [1, mom_num_memories={cfg.mom_num_memories}]"
-        )
-    if seq_length is not None:
-        check_sequence(seq_length, tp, cp, cfg)
+        if seq_length is not None:
+            check_sequence(seq_length, tp, cp, self)
 
 
 def check_sequence(seq_length: int, tp: int, cp: int, cfg: ModelConfig | None = None) -> None:
@@ -187,7 +185,7 @@ def check_sequence(seq_length: int, tp: int, cp: int, cfg: ModelConfig | None = 
             f"each CP rank holds a contiguous shard that TP splits again, so use a length that "
             f"is a multiple of {cp * tp}"
         )
-    if cfg is not None and cp > 1 and cfg.use_short_conv and set(cfg.pattern) & set("LDGM"):
+    if cfg is not None and cp > 1 and cfg.use_short_conv and set(cfg.pattern) & Symbols.RECURRENT:
         need = cfg.conv_size - 1
         if seq_length // cp < need:
             raise ValueError(

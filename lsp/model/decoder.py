@@ -27,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from lsp.layers import MIXERS, DenseFFN, MoEFFN, ParallelContext, RMSNorm, init_parameters
+from lsp.layers import MIXERS, DenseFFN, MoEFFN, ParallelContext, RMSNorm, Symbols, init_parameters
 from lsp.layers.common import wide
 from lsp.layers.context import ColumnLinear, normal_init
-from lsp.model.config import ModelConfig, check_config, check_sequence
+from lsp.model.config import ModelConfig, check_sequence
 
 __all__ = ["DecoderLM", "Block", "LMOutput", "split_batch", "build_mixer"]
 
@@ -46,28 +46,36 @@ class LMOutput:
     logits: Tensor | None = None
 
 
+def _recurrent(cfg: ModelConfig) -> dict:
+    """Keywords every recurrent mixer takes from the config."""
+    return dict(expand_v=cfg.expand_v, use_short_conv=cfg.use_short_conv,
+                conv_size=cfg.conv_size, conv_backend=cfg.conv_backend,
+                conv_recompute=cfg.conv_checkpointing, norm_eps=cfg.norm_eps)
+
+
+# Per pattern letter, the mixer's own keywords from the config.
+_MIXER_KWARGS = {
+    Symbols.LINEAR_ATTENTION: lambda cfg: dict(
+        decay=cfg.la_decay, feature_map=cfg.la_feature_map, qk_norm=cfg.la_qk_norm,
+        use_output_gate=cfg.la_output_gate, gate_low_rank_dim=cfg.gate_low_rank_dim,
+        gate_logit_normalizer=cfg.gate_logit_normalizer, **_recurrent(cfg)),
+    Symbols.DELTANET: lambda cfg: dict(use_output_gate=cfg.deltanet_output_gate,
+                                       **_recurrent(cfg)),
+    Symbols.GATED_DELTANET: lambda cfg: dict(use_output_gate=True, **_recurrent(cfg)),
+    Symbols.MIXTURE_OF_MEMORIES: lambda cfg: dict(
+        num_memories=cfg.mom_num_memories, topk=cfg.mom_topk,
+        shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
+        memory_checkpointing=cfg.mom_memory_checkpointing, **_recurrent(cfg)),
+    Symbols.SOFTMAX_ATTENTION: lambda cfg: dict(num_kv_heads=cfg.num_kv_heads,
+                                                rope_theta=cfg.rope_theta),
+}
+
+
 def build_mixer(letter: str, cfg: ModelConfig, ctx: ParallelContext) -> nn.Module:
-    """The token mixer for one pattern letter."""
-    common = dict(ctx=ctx, init_std=cfg.init_std, num_layers=cfg.num_layers)
-    D, H, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    recurrent = dict(expand_v=cfg.expand_v, use_short_conv=cfg.use_short_conv,
-                     conv_size=cfg.conv_size, norm_eps=cfg.norm_eps, **common)
-    cls = MIXERS[letter]
-    if letter == "L":
-        return cls(D, H, d, decay=cfg.la_decay, feature_map=cfg.la_feature_map,
-                   qk_norm=cfg.la_qk_norm, use_output_gate=cfg.la_output_gate,
-                   gate_low_rank_dim=cfg.gate_low_rank_dim,
-                   gate_logit_normalizer=cfg.gate_logit_normalizer, **recurrent)
-    if letter == "D":
-        return cls(D, H, d, use_output_gate=cfg.deltanet_output_gate, **recurrent)
-    if letter == "G":
-        return cls(D, H, d, use_output_gate=True, **recurrent)
-    if letter == "M":
-        return cls(D, H, d, num_memories=cfg.mom_num_memories, topk=cfg.mom_topk,
-                   shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
-                   memory_checkpointing=cfg.mom_memory_checkpointing,
-                   **recurrent)
-    return cls(D, H, d, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, **common)
+    """The token mixer for one pattern letter (``lsp.layers.Symbols``)."""
+    return MIXERS[letter](cfg.hidden_size, cfg.num_heads, cfg.head_dim, ctx=ctx,
+                          init_std=cfg.init_std, num_layers=cfg.num_layers,
+                          **_MIXER_KWARGS[letter](cfg))
 
 
 class Block(nn.Module):
@@ -81,10 +89,10 @@ class Block(nn.Module):
         self.mixer = build_mixer(letter, cfg, ctx)
         self.ffn_norm = self.ffn = None
         common = dict(init_std=cfg.init_std, num_layers=cfg.num_layers)
-        if ffn_kind == "F":
+        if ffn_kind == Symbols.DENSE_FFN:
             self.ffn_norm = RMSNorm(cfg.hidden_size, ctx, cfg.norm_eps)
             self.ffn = DenseFFN(cfg.hidden_size, cfg.ffn_hidden_size, ctx, **common)
-        elif ffn_kind == "E":
+        elif ffn_kind == Symbols.MOE:
             self.ffn_norm = RMSNorm(cfg.hidden_size, ctx, cfg.norm_eps)
             self.ffn = MoEFFN(cfg.hidden_size, cfg.num_experts, cfg.moe_topk,
                               cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, ctx,
@@ -135,8 +143,7 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext | None = None, seed: int | None = None):
         super().__init__()
         self.ctx = ctx = ctx or ParallelContext()
-        ep = 1 if ctx.topo is None else ctx.topo.ep
-        check_config(cfg, tp=ctx.tp_size, cp=ctx.cp_size, ep=ep, sp_method=ctx.sp_method)
+        cfg.check_layout(tp=ctx.tp_size, cp=ctx.cp_size, ep=1 if ctx.topo is None else ctx.topo.ep)
         if ctx.tp_size > 1:
             from megatron.core import parallel_state as ps
 
@@ -164,12 +171,6 @@ class DecoderLM(nn.Module):
             if not getattr(p, "tensor_model_parallel", False) and getattr(p, "allreduce", True):
                 p.sequence_parallel = True
         init_parameters(self, cfg.seed if seed is None else seed, ctx.tp_size, ctx.tp_rank)
-        from lsp.layers.conv import ShortConvolution
-
-        for m in self.modules():
-            if isinstance(m, ShortConvolution):
-                m.recompute = cfg.conv_checkpointing
-                m.backend = cfg.conv_backend
 
     def output_weight(self) -> Tensor:
         """This TP rank's vocabulary rows of the output head ``[V / tp, D]``."""

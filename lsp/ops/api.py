@@ -1,4 +1,9 @@
-"""The two public ops (DESIGN.md §3) and their backend choice."""
+"""The two public ops (docs/design.md, "public contract") and their backend choice.
+
+Each op is ``bind`` (parse and check the arguments once, giving a validated
+:class:`lsp.parallel.contract.OpCall`) followed by ``run`` (dispatch to the backend without
+checking again). Both are exported as ``op.spec`` for ``lsp.parallel.sequence_parallel``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from torch import Tensor
 from lsp.ops.common.validate import check_inputs
 from lsp.ops.delta_net.chunk import chunk_delta_rule
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
+from lsp.parallel.contract import Family, OpCall, OpSpec
 
 
 def resolve_backend(op: str, backend: str, q: Tensor) -> str:
@@ -34,6 +40,39 @@ def resolve_backend(op: str, backend: str, q: Tensor) -> str:
             "a GPU or use backend='torch'"
         )
     return "triton"
+
+
+def _bind_linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
+                          output_final_state=False, backend="auto") -> OpCall:
+    scale = check_inputs("linear_attention", q, k, v, None, g, scale, initial_state,
+                         output_final_state, backend, needs_beta=False)
+    return OpCall(Family.LINEAR_ATTENTION, q, k, v, None, g, scale, initial_state,
+                  output_final_state, backend)
+
+
+def _bind_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
+                     output_final_state=False, backend="auto") -> OpCall:
+    scale = check_inputs("delta_rule", q, k, v, beta, g, scale, initial_state,
+                         output_final_state, backend, needs_beta=True)
+    return OpCall(Family.DELTA_RULE, q, k, v, beta, g, scale, initial_state,
+                  output_final_state, backend)
+
+
+def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
+    """Run a validated call on its backend (no checks: ``bind`` made them)."""
+    name = c.family.value
+    if resolve_backend(name, c.backend, c.q) == "triton":  # pragma: no cover
+        from lsp import kernels
+
+        kernel = getattr(kernels, name)
+        extra = () if c.family == Family.LINEAR_ATTENTION else (c.beta,)
+        return kernel(c.q, c.k, c.v, *extra, c.g, scale=c.scale, initial_state=c.initial_state,
+                      output_final_state=c.output_final_state)
+    if c.family == Family.LINEAR_ATTENTION:
+        return chunk_linear_attention(c.q, c.k, c.v, c.g, c.scale, c.initial_state,
+                                      c.output_final_state)
+    return chunk_delta_rule(c.q, c.k, c.v, c.beta, c.g, c.scale, c.initial_state,
+                            c.output_final_state)
 
 
 def linear_attention(
@@ -64,16 +103,8 @@ def linear_attention(
         ``(o, S)``: ``o`` ``[B, T, H, V]`` in ``v.dtype``; ``S`` ``[B, H, K, V]`` in float32
         (float64 for float64 inputs), or ``None`` unless ``output_final_state``.
     """
-    scale = check_inputs(
-        "linear_attention", q, k, v, None, g, scale, initial_state, output_final_state, backend,
-        needs_beta=False,
-    )
-    if resolve_backend("linear_attention", backend, q) == "triton":  # pragma: no cover
-        from lsp.kernels import linear_attention as kernel
-
-        return kernel(q, k, v, g, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state)
-    return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state)
+    return _run(_bind_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
+                                       output_final_state=output_final_state, backend=backend))
 
 
 def delta_rule(
@@ -103,27 +134,9 @@ def delta_rule(
     Returns:
         ``(o, S)`` as for ``linear_attention``.
     """
-    scale = check_inputs(
-        "delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state, backend,
-        needs_beta=True,
-    )
-    if resolve_backend("delta_rule", backend, q) == "triton":  # pragma: no cover
-        from lsp.kernels import delta_rule as kernel
-
-        return kernel(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state)
-    return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state)
+    return _run(_bind_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, backend=backend))
 
 
-# What lsp.parallel.sequence_parallel reads off an op (parallel/ does not import lsp.ops): the
-# family, and the op's own argument checks, which return the resolved scale.
-linear_attention.sp_family = "linear_attention"
-linear_attention.sp_validate = (
-    lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
-        "linear_attention", q, k, v, None, g, scale, initial_state, output_final_state, backend,
-        needs_beta=False))
-delta_rule.sp_family = "delta_rule"
-delta_rule.sp_validate = (
-    lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
-        "delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state, backend,
-        needs_beta=True))
+linear_attention.spec = OpSpec(Family.LINEAR_ATTENTION, _bind_linear_attention, _run)
+delta_rule.spec = OpSpec(Family.DELTA_RULE, _bind_delta_rule, _run)

@@ -33,7 +33,9 @@ import torch.distributed as dist
 
 from lsp.layers.init import is_tp_split, layout_free_names, shard_of
 
-ARCH_KEYS_IGNORED = ("seed", "moe_grouped_gemm")
+# model settings that change how a step runs, not which parameters exist: free to change on resume
+ARCH_KEYS_IGNORED = ("seed", "moe_grouped_gemm", "conv_backend", "conv_checkpointing",
+                     "mom_memory_checkpointing", "attention_backend")
 
 
 def _is_expert(p) -> bool:
@@ -181,7 +183,7 @@ def _load_tensors(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"checkpoint file {path} is corrupt or not an lsp checkpoint ({exc}); "
-                         f"delete {path.parent} or resume from an earlier step_<N>") from None
+                         f"delete {path.parent} or resume from an earlier step_<N>") from exc
 
 
 def read_meta(path: Path) -> dict:
@@ -189,7 +191,7 @@ def read_meta(path: Path) -> dict:
         return json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"checkpoint {path} has no readable meta.json ({exc}); it is incomplete "
-                         "or corrupt: delete it or resume from an earlier step_<N>") from None
+                         "or corrupt: delete it or resume from an earlier step_<N>") from exc
 
 
 def check_compatible(meta: dict, model_cfg: dict, path: Path) -> None:
@@ -263,3 +265,42 @@ def load_checkpoint(path: Path, model, optimizer, topo) -> dict:
     if torch.cuda.is_available() and f"rank{src}_cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{src}_cuda"])
     return meta
+
+
+class Checkpointer:
+    """Owns ``train.save_interval``, ``keep_last`` and ``resume`` for one run.
+
+    ``resume(model, optimizer)`` loads the checkpoint ``train.resume`` names (if any) and returns
+    the step to continue from; ``maybe_save(step, ...)`` writes one every ``save_interval`` steps.
+    ``meta`` (model config, layout, global batch) goes into every checkpoint and must match on
+    resume.
+    """
+
+    def __init__(self, run_dir: str, save_interval: int, keep_last: int, resume: str,
+                 topo, meta: dict):
+        self.run_dir, self.interval, self.keep_last = run_dir, save_interval, keep_last
+        self.resume_from = find_checkpoint(run_dir, resume)
+        self.topo, self.meta = topo, meta
+
+    def resume(self, model, optimizer) -> int:
+        """Load the checkpoint to resume from into ``model`` and ``optimizer``; its step, or 0."""
+        path = self.resume_from
+        if path is None:
+            return 0
+        meta = read_meta(path)
+        check_compatible(meta, self.meta["model"], path)
+        gbatch = self.meta["global_batch"]
+        if meta.get("global_batch", gbatch) != gbatch:
+            raise ValueError(f"cannot resume from {path}: it was trained with global_batch="
+                             f"{meta['global_batch']}, now {gbatch}; keep the global batch")
+        load_checkpoint(path, model, optimizer, self.topo)
+        return meta["step"]
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0
+
+    def save(self, step: int, model, optimizer) -> Path | None:
+        """Collective: every rank calls it."""
+        return save_checkpoint(self.run_dir, step, model, optimizer, self.topo,
+                               {**self.meta, "samples_consumed": step * self.meta["global_batch"]},
+                               keep_last=self.keep_last)

@@ -24,6 +24,8 @@ Embedding lookups, norms, convolutions and element-wise gates are not counted.
 
 from __future__ import annotations
 
+from lsp.layers.symbols import Symbols
+
 CHUNK = 64
 
 # Dense bf16 peak of the accelerator (TFLOP/s), for MFU. Vendor datasheet values (SXM parts).
@@ -47,7 +49,7 @@ def forward_flops_per_token(cfg, seq_len: int) -> float:
     la_core = 4 * dk * dv + C * (dk + dv)
     dr_core = 8 * dk * dv + C * (2 * dk + dv)
     for letter, ffn in zip(cfg.pattern, cfg.ffn_kinds()):
-        if letter == "L":
+        if letter == Symbols.LINEAR_ATTENTION:
             proj = 2 * D * (2 * H * dk + H * dv) + 2 * H * dv * D
             if cfg.la_decay == "key":
                 proj += 2 * D * cfg.gate_low_rank_dim + 2 * cfg.gate_low_rank_dim * H * dk
@@ -56,25 +58,25 @@ def forward_flops_per_token(cfg, seq_len: int) -> float:
             if cfg.la_output_gate:
                 proj += 2 * D * H * dv
             total += proj + H * la_core
-        elif letter in "DG":
+        elif letter in Symbols.DELTA_RULE:
             proj = 2 * D * (2 * H * dk + H * dv + H) + 2 * H * dv * D
-            if letter == "G":
+            if letter == Symbols.GATED_DELTANET:
                 proj += 2 * D * H + 2 * D * H * dv
             elif cfg.deltanet_output_gate:
                 proj += 2 * D * H * dv
             total += proj + H * dr_core
-        elif letter == "M":
+        elif letter == Symbols.MIXTURE_OF_MEMORIES:
             active = cfg.mom_topk + (1 if cfg.mom_shared_memory else 0)
             per_mem = 2 * D * (H * dk + H * dv + 2 * H)
             proj = 2 * D * H * dk + active * per_mem + 2 * D * H * dv + 2 * H * dv * D
             total += proj + 2 * D * cfg.mom_num_memories + active * H * dr_core
-        elif letter == "S":
+        elif letter == Symbols.SOFTMAX_ATTENTION:
             kv = cfg.num_kv_heads or H
             proj = 2 * D * H * dk + 2 * 2 * D * kv * dk + 2 * H * dk * D
             total += proj + H * seq_len * (dk + dk)
-        if ffn == "F":
+        if ffn == Symbols.DENSE_FFN:
             total += 6 * D * cfg.ffn_hidden_size
-        elif ffn == "E":
+        elif ffn == Symbols.MOE:
             Fe = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
             total += cfg.moe_topk * 6 * D * Fe + 2 * D * cfg.num_experts
             if cfg.moe_shared_expert_size:

@@ -10,6 +10,7 @@ blocked in a collective or a CUDA sync release it.
 from __future__ import annotations
 
 import sys
+import contextlib
 import threading
 import time
 import traceback
@@ -40,6 +41,15 @@ class StepWatchdog:
     def disarm(self) -> None:
         with self._cv:
             self._deadline = None
+
+    @contextlib.contextmanager
+    def watching(self, step):
+        """Armed for the body, disarmed after it."""
+        self.arm(step)
+        try:
+            yield
+        finally:
+            self.disarm()
 
     def close(self) -> None:
         with self._cv:

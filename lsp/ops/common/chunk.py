@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsp.kernels.kinds import Gate
+
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -76,7 +78,8 @@ class ChunkGates:
     """
 
     def __init__(self, g_chunks: Tensor | None):
-        self.kind = "none" if g_chunks is None else ("scalar" if g_chunks.dim() == 4 else "vector")
+        self.kind = (Gate.NONE if g_chunks is None
+                     else Gate.HEAD if g_chunks.dim() == 4 else Gate.KEY)
         self.dtype = None if g_chunks is None else g_chunks.dtype
         # The cumulative sum is kept in float64: with strong decays G reaches hundreds inside a
         # chunk and float32 differences G_t - G_j would lose ~1e-4 of relative accuracy. Every
@@ -88,7 +91,7 @@ class ChunkGates:
 
     def _per_channel(self, x: Tensor) -> Tensor:
         # broadcast G against a [..., C, K] tensor
-        return x if self.kind == "vector" else x.unsqueeze(-1)
+        return x if self.kind == Gate.KEY else x.unsqueeze(-1)
 
     def decay_from_start(self, x: Tensor) -> Tensor:
         """``x_t ⊙ γ_t``: rows of ``x [B,H,N,C,K]`` times the decay from the chunk start."""
@@ -108,7 +111,7 @@ class ChunkGates:
         if self.G is None:
             return None
         last = self._exp(self.G[:, :, :, -1])
-        return last.unsqueeze(-1) if self.kind == "vector" else last[..., None, None]
+        return last.unsqueeze(-1) if self.kind == Gate.KEY else last[..., None, None]
 
     def pairwise(self, x: Tensor, y: Tensor, strict: bool) -> Tensor:
         """``M[t, j] = Σ_c x_tc y_jc γ_tc/γ_jc`` for ``j <= t`` (``j < t`` if strict), else 0.
@@ -119,7 +122,7 @@ class ChunkGates:
         mask = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
         if self.G is None:
             return (x @ y.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        if self.kind == "scalar":
+        if self.kind == Gate.HEAD:
             diff = self.G.unsqueeze(-1) - self.G.unsqueeze(-2)  # [B,H,N,C,C]
             decay = self._exp(diff.masked_fill(~mask, float("-inf")))
             return (x @ y.transpose(-1, -2)) * decay

@@ -63,7 +63,8 @@ class OpCall:
     """A validated call of an lsp op: its tensors and resolved keywords.
 
     Tensors are ``[B, T, H, D]``; ``beta`` is ``None`` for linear attention; ``scale`` is
-    resolved (``K ** -0.5`` when the caller passed ``None``).
+    resolved (``K ** -0.5`` when the caller passed ``None``). ``cu_seqlens`` (packed documents,
+    ``B = 1``) holds the document offsets; ``initial_state`` is then ``[N, H, K, V]``.
     """
 
     family: Family
@@ -76,6 +77,7 @@ class OpCall:
     initial_state: Tensor | None
     output_final_state: bool
     backend: str
+    cu_seqlens: Tensor | None = None
 
     @property
     def gate(self) -> Gate:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lsp.ops.common.chunk import DEFAULT_CHUNK_SIZE, chunk_recurrence
 from lsp.ops.common.validate import check_inputs
+from lsp.ops.common.varlen import TRITON_VARLEN_ERROR, check_cu_seqlens, run_documents
 from lsp.ops.delta_net.chunk import chunk_delta_rule
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
 from lsp.parallel.contract import Family, OpCall, OpSpec
@@ -42,20 +44,37 @@ def resolve_backend(op: str, backend: str, q: Tensor) -> str:
     return "triton"
 
 
+def _bind_packed(op: str, q, v, cu_seqlens, initial_state, backend) -> None:
+    """The packed-document checks (``cu_seqlens``): offsets, per-document states, backend."""
+    check_cu_seqlens(op, q, v, cu_seqlens, initial_state)
+    # never a silent fallback: a call that would run the kernels raises
+    if backend == "triton" or (backend == "auto" and resolve_backend(op, backend, q) == "triton"):
+        raise ValueError(f"{op}: {TRITON_VARLEN_ERROR} (got backend={backend!r}); pass "
+                         "backend='torch'")
+
+
 def _bind_linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
-                          output_final_state=False, backend="auto") -> OpCall:
-    scale = check_inputs("linear_attention", q, k, v, None, g, scale, initial_state,
-                         output_final_state, backend, needs_beta=False)
+                          output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
+    packed = cu_seqlens is not None
+    scale = check_inputs("linear_attention", q, k, v, None, g, scale,
+                         None if packed else initial_state, output_final_state, backend,
+                         needs_beta=False)
+    if packed:
+        _bind_packed("linear_attention", q, v, cu_seqlens, initial_state, backend)
     return OpCall(Family.LINEAR_ATTENTION, q, k, v, None, g, scale, initial_state,
-                  output_final_state, backend)
+                  output_final_state, backend, cu_seqlens)
 
 
 def _bind_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-                     output_final_state=False, backend="auto") -> OpCall:
-    scale = check_inputs("delta_rule", q, k, v, beta, g, scale, initial_state,
-                         output_final_state, backend, needs_beta=True)
+                     output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
+    packed = cu_seqlens is not None
+    scale = check_inputs("delta_rule", q, k, v, beta, g, scale,
+                         None if packed else initial_state, output_final_state, backend,
+                         needs_beta=True)
+    if packed:
+        _bind_packed("delta_rule", q, v, cu_seqlens, initial_state, backend)
     return OpCall(Family.DELTA_RULE, q, k, v, beta, g, scale, initial_state,
-                  output_final_state, backend)
+                  output_final_state, backend, cu_seqlens)
 
 
 def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
@@ -68,6 +87,10 @@ def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
         extra = () if c.family == Family.LINEAR_ATTENTION else (c.beta,)
         return kernel(c.q, c.k, c.v, *extra, c.g, scale=c.scale, initial_state=c.initial_state,
                       output_final_state=c.output_final_state)
+    if c.cu_seqlens is not None:
+        offsets = [int(x) for x in c.cu_seqlens.tolist()]
+        return run_documents(chunk_recurrence, c.q, c.k, c.v, c.g, c.beta, c.scale,
+                             c.initial_state, c.output_final_state, offsets, DEFAULT_CHUNK_SIZE)
     if c.family == Family.LINEAR_ATTENTION:
         return chunk_linear_attention(c.q, c.k, c.v, c.g, c.scale, c.initial_state,
                                       c.output_final_state)
@@ -85,6 +108,7 @@ def linear_attention(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Additive linear attention with optional decay.
 
@@ -98,13 +122,18 @@ def linear_attention(
         initial_state: ``[B, H, K, V]`` state before the first token, or ``None`` (zeros).
         output_final_state: also return the state after the last token.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        cu_seqlens: packed documents (fla-compatible): int32 / int64 ``[N+1]`` offsets
+            ``0 < ... < T`` with ``B = 1``; each document starts from its own state
+            (``initial_state`` ``[N, H, K, V]``) and the final state is ``[N, H, K, V]``. No
+            state crosses a boundary. The torch path only, for now.
 
     Returns:
         ``(o, S)``: ``o`` ``[B, T, H, V]`` in ``v.dtype``; ``S`` ``[B, H, K, V]`` in float32
         (float64 for float64 inputs), or ``None`` unless ``output_final_state``.
     """
     return _run(_bind_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
-                                       output_final_state=output_final_state, backend=backend))
+                                       output_final_state=output_final_state, backend=backend,
+                                 cu_seqlens=cu_seqlens))
 
 
 def delta_rule(
@@ -118,6 +147,7 @@ def delta_rule(
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The delta rule, with optional decay applied before the delta step.
 
@@ -129,13 +159,15 @@ def delta_rule(
         beta: ``[B, T, H]`` write strength.
         g: ``None`` (DeltaNet), ``[B, T, H]`` (Gated DeltaNet) or ``[B, T, H, K]``
             (vector-gated, KDA-like), in log space.
-        scale, initial_state, output_final_state, backend: as for ``linear_attention``.
+        scale, initial_state, output_final_state, backend, cu_seqlens: as for
+            ``linear_attention``.
 
     Returns:
         ``(o, S)`` as for ``linear_attention``.
     """
     return _run(_bind_delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                 output_final_state=output_final_state, backend=backend))
+                                 output_final_state=output_final_state, backend=backend,
+                                 cu_seqlens=cu_seqlens))
 
 
 linear_attention.spec = OpSpec(Family.LINEAR_ATTENTION, _bind_linear_attention, _run)

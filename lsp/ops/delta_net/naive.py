@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lsp.ops.common.chunk import compute_dtype
+from lsp.ops.common.varlen import run_documents_naive
 from lsp.ops.linear_attn.naive import decay_state
 
 
@@ -25,8 +26,17 @@ def naive_recurrent_delta_rule(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token-by-token (gated) delta rule. Shapes as ``lsp.ops.delta_rule``."""
+    """Token-by-token (gated) delta rule. Shapes as ``lsp.ops.delta_rule``.
+
+    With ``cu_seqlens`` (``B = 1``) each document runs separately from its own
+    ``initial_state[n]`` and the final states are ``[N, H, K, V]``.
+    """
+    if cu_seqlens is not None:
+        return run_documents_naive(naive_recurrent_delta_rule, cu_seqlens, q, k, v, beta, g,
+                                   scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
     ct, out_dtype = compute_dtype(q.dtype), v.dtype
     B, T, H, K = q.shape
     V = v.shape[-1]

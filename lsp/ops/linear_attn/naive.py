@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lsp.ops.common.chunk import compute_dtype
+from lsp.ops.common.varlen import run_documents_naive
 
 
 def decay_state(S: Tensor, g_t: Tensor | None) -> Tensor:
@@ -29,8 +30,17 @@ def naive_recurrent_linear_attention(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token-by-token linear attention. Shapes as ``lsp.ops.linear_attention``."""
+    """Token-by-token linear attention. Shapes as ``lsp.ops.linear_attention``.
+
+    With ``cu_seqlens`` (``B = 1``) each document runs separately from its own
+    ``initial_state[n]`` and the final states are ``[N, H, K, V]``.
+    """
+    if cu_seqlens is not None:
+        return run_documents_naive(naive_recurrent_linear_attention, cu_seqlens, q, k, v, g,
+                                   scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state)
     ct, out_dtype = compute_dtype(q.dtype), v.dtype
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lsp.parallel import pairs
+from lsp.parallel import packed, pairs
 from lsp.parallel.contract import Family, OpCall, Transition, spec_of
 from lsp.parallel.exchange import METHODS, all_gather_rows, check_method, make_exchange
 
@@ -117,16 +117,19 @@ class CallMeta:
     final_state: int
     num_blocks: int
     scale_e6: int
+    documents: int = 0
+    offsets_digest: int = 0
 
     @classmethod
-    def of(cls, call: OpCall, method: str, num_blocks: int | None) -> "CallMeta":
+    def of(cls, call: OpCall, method: str, num_blocks: int | None,
+           packed: tuple[int, int] = (0, 0)) -> "CallMeta":
         B, T, H, K = call.q.shape
         n_blk = num_blocks if method == "allscan" else 1
         return cls(_MAGIC, _FAMILIES.index(call.family), _TRANSITIONS.index(call.transition),
                    METHODS.index(method), T, B, H, K, call.v.shape[-1],
                    _DTYPES.index(call.q.dtype), int(call.initial_state is not None),
                    int(call.output_final_state), 0 if n_blk is None else n_blk,
-                   round(call.scale * 1e6))
+                   round(call.scale * 1e6), *packed)
 
     @staticmethod
     def describe(name: str, value: int) -> str:
@@ -160,7 +163,7 @@ def _check_consistency(group, meta: CallMeta, device: torch.device) -> None:
             f"sequence_parallel: the ranks of the group disagree on {', '.join(parts)} (per "
             "rank); every rank must call with the same op, gate kind, method, head counts and "
             "dims, and an equal contiguous shard of the sequence (split T into P equal parts in "
-            "rank order)"
+            "rank order); with cu_seqlens, the same global offsets and initial states"
         )
 
 
@@ -260,7 +263,8 @@ def sequence_parallel(
         ablate_incoming_state: a diagnostic that drops the state arriving from earlier ranks
             (the results are then wrong: it shows what the exchange carries). Off by default.
         **kwargs: the op's keywords: ``scale``, ``initial_state`` (the state before the whole
-            global sequence, the same on every rank), ``output_final_state``, ``backend``.
+            global sequence, the same on every rank), ``output_final_state``, ``backend``, and
+            ``cu_seqlens`` for packed documents (see :func:`_sequence_parallel_packed`).
 
     Returns:
         ``(o_local, S_final)``: this rank's outputs ``[B, T_local, H, V]`` and, when
@@ -271,6 +275,9 @@ def sequence_parallel(
     check_method(method, "sequence_parallel: method")
     if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
         raise ValueError(f"sequence_parallel: num_blocks={num_blocks!r}; pass an int >= 1 or None")
+    if kwargs.get("cu_seqlens") is not None:
+        return _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_len,
+                                         check, timer, ablate_incoming_state)
     call = _bind(op, args, kwargs)  # the op's own named errors, checked once
     T, V = call.q.shape[1], call.v.shape[-1]
 
@@ -309,3 +316,152 @@ def sequence_parallel(
     corr = torch.einsum("bthk,bhkv->bthv", qe.to(sd), S_start)
     o = (o0.to(sd) + corr).to(o0.dtype)
     return o, (S_final if call.output_final_state else None)
+
+
+def _require_dist() -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(
+            "sequence_parallel: torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group (torchrun does this via lsp.launch) first"
+        )
+
+
+def _zero_transition(kind: Transition, B: Tensor) -> Tensor:
+    """``A = 0`` of a transition kind, for a state ``B [1, H, K, V]``."""
+    b, H, K = B.shape[:3]
+    shape = {Transition.SCALAR: (b, H), Transition.DIAGONAL: (b, H, K),
+             Transition.FULL: (b, H, K, K)}[kind]
+    return B.new_zeros(shape)
+
+
+def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_len, check,
+                              timer, ablate_incoming_state):
+    """``sequence_parallel`` with packed documents (``cu_seqlens``; see ``parallel/packed.py``).
+
+    Every rank passes the GLOBAL offsets ``[N+1]`` and the initial states of all ``N``
+    documents ``[N, H, K, V]`` (or none). A boundary inside a shard resets the state there:
+    the shard's transition is zero and its effective queries after the boundary are zero; a
+    document that spans ranks chains through the exchange as an unpacked sequence does.
+
+    Returns this rank's outputs and, when asked, the final states ``[N, H, K, V]``, the same on
+    every rank. Each document's final state is known only on the rank where it ends (it needs
+    that rank's incoming state), so they are summed over the group in one all-reduce of
+    ``[N, H, K, V]``, which replaces the chains' broadcast of the final state (the all-gather
+    method has no such broadcast: there it is one more collective). Gradients of the initial
+    states arrive on the rank where each document starts (the first document's on rank 0): their
+    sum over the ranks is the gradient.
+    """
+    kwargs = dict(kwargs)
+    cu = kwargs.pop("cu_seqlens")
+    h0 = kwargs.pop("initial_state", None)
+    want_final = kwargs.get("output_final_state", False)
+    spec = spec_of(op)
+    name = f"sequence_parallel: {spec.family.value}"
+    call = _bind(op, args, kwargs)  # the op's own checks of the shard
+    T = call.q.shape[1]
+    # the op's packed checks of this shard (a batch of 1, a backend that takes offsets)
+    _bind(op, args, dict(kwargs, cu_seqlens=torch.tensor([0, T])))
+    _require_dist()
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    if seq_len is not None and seq_len != P * T:
+        raise ValueError(
+            f"sequence_parallel: seq_len={seq_len} does not match {P} ranks x {T} local tokens "
+            f"= {P * T}; shard the sequence into {P} equal contiguous parts"
+        )
+    offsets = packed.check_offsets(name, cu, P * T, what=f"the global sequence ({P} ranks x {T})")
+    N = len(offsets) - 1
+    _, _, H, K = call.q.shape
+    V = call.v.shape[-1]
+    packed.check_document_states(name, h0, N, H, K, V, call.q.device)
+    call = call.replace(output_final_state=False)
+    if check:
+        meta = CallMeta.of(call.replace(initial_state=h0, output_final_state=want_final),
+                           method, num_blocks, packed=(N, packed.offsets_digest(offsets)))
+        _check_consistency(group, meta, call.q.device)
+
+    plan = packed.plan_shard(offsets, rank, T)
+    kind = call.transition
+    if kind == Transition.IDENTITY:  # a reset needs a transition that can be zero
+        kind = Transition.SCALAR
+    sd = call.state_dtype
+
+    def part(x, sl):
+        return None if x is None else x[:, sl]
+
+    def shard_call(sl, **changes):
+        return call.replace(q=part(call.q, sl), k=part(call.k, sl), v=part(call.v, sl),
+                            beta=part(call.beta, sl), g=part(call.g, sl), **changes)
+
+    A = B = o_stretch = qe = S_rest = None
+    if plan.stretch:
+        local = pairs.local_pass(spec, shard_call(slice(0, plan.stretch), initial_state=None))
+        A, B = local.pair()
+        if A is None:
+            A = torch.ones(B.shape[:2], dtype=B.dtype, device=B.device)
+        o_stretch, qe = local.outputs()
+    A_stretch, B_stretch = A, B
+    o_parts = [] if o_stretch is None else [o_stretch]
+    if plan.resets:
+        docs = torch.tensor(plan.rest_docs, device=call.q.device)
+        o_rest, S_rest = spec.run(shard_call(
+            slice(plan.stretch, T), initial_state=None if h0 is None else h0[docs],
+            output_final_state=True,
+            cu_seqlens=torch.tensor(plan.rest_offsets, device=call.q.device)))
+        o_parts.append(o_rest)
+        B = S_rest[-1:].to(sd)
+        A = _zero_transition(kind, B)
+    o0 = torch.cat(o_parts, dim=1)
+
+    S_init = None if h0 is None else h0[:1].to(sd)
+    exchange = make_exchange(method, kind, group, False, num_blocks,
+                             state_bytes=B.numel() * B.element_size(), V=V)
+    ready = None
+    if B.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    S_start, _ = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
+    if ablate_incoming_state:
+        S_start = torch.zeros_like(S_start)
+
+    # every rank's outputs depend on S_start (zero effective queries after the first reset),
+    # so that every rank's backward takes part in the reverse scan
+    qe_all = torch.zeros(call.q.shape, dtype=sd, device=call.q.device)
+    if plan.stretch:
+        qe_all = torch.cat([qe.to(sd), qe_all[:, plan.stretch:]], dim=1)
+    corr = torch.einsum("bthk,bhkv->bthv", qe_all, S_start)
+    o = (o0.to(sd) + corr).to(o0.dtype)
+    if not want_final:
+        return o, None
+    # each document's final state on the rank where it ends, summed over the group
+    finals, idx = [], []
+    for d, src in plan.ends:
+        if src < 0:
+            finals.append(pairs.apply(kind, A_stretch, S_start) + B_stretch)
+        else:
+            finals.append(S_rest[src:src + 1].to(sd))
+        idx.append(d)
+    table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)
+    if finals:
+        table = table.index_copy(0, torch.tensor(idx, device=table.device), torch.cat(finals))
+    return o, _DocumentStates.apply(table, S_start, group)
+
+
+class _DocumentStates(torch.autograd.Function):
+    """Sum of the ranks' final-state tables; adjoint: the sum of the ranks' cotangents.
+
+    ``S_start`` is an input (gradient zero) so that on every rank the backward of this
+    all-reduce runs before the reverse scan, in the same order everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, table, S_start, group):
+        ctx.group = group
+        out = table.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)  # a replicated output: sum of its gradients
+        return grad, None, None

@@ -48,7 +48,8 @@ def _bind_packed(op: str, q, v, cu_seqlens, initial_state, backend) -> None:
     """The packed-document checks (``cu_seqlens``): offsets, per-document states, backend."""
     check_cu_seqlens(op, q, v, cu_seqlens, initial_state)
     # never a silent fallback: a call that would run the kernels raises
-    if backend == "triton" or (backend == "auto" and resolve_backend(op, backend, q) == "triton"):
+    runs_kernels = backend == "auto" and resolve_backend(op, backend, q) == "triton"
+    if backend == "triton" or runs_kernels:
         raise ValueError(f"{op}: {TRITON_VARLEN_ERROR} (got backend={backend!r}); pass "
                          "backend='torch'")
 

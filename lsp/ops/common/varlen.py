@@ -20,9 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lsp.ops.common.validate import _check_tensor, _shape
+from lsp.parallel.packed import check_document_states, check_offsets
 
-CU_DTYPES = (torch.int32, torch.int64)
 TRITON_VARLEN_ERROR = "cu_seqlens needs backend='torch' until the kernels take it"
 
 
@@ -32,21 +31,6 @@ def check_cu_seqlens(op: str, q: Tensor, v: Tensor, cu_seqlens: object,
 
     Called after the usual checks of ``q``, ``k``, ``v`` (which then saw no initial state).
     """
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(
-            f"{op}: cu_seqlens must be an int32 or int64 tensor [N+1] of document offsets, "
-            f"got {type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.dtype not in CU_DTYPES:
-        raise ValueError(
-            f"{op}: cu_seqlens has dtype {cu_seqlens.dtype}; document offsets must be int32 or "
-            "int64 (for example cu_seqlens.long())"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"{op}: cu_seqlens has shape {_shape(cu_seqlens)}; it must be 1-D [N+1] with N >= 1 "
-            "documents: [0, end of document 0, ..., T]"
-        )
     B, T, H, K = q.shape
     if B != 1:
         raise ValueError(
@@ -54,35 +38,8 @@ def check_cu_seqlens(op: str, q: Tensor, v: Tensor, cu_seqlens: object,
             f"pack the batch into one sequence of {B * T} tokens (x.reshape(1, -1, H, D)) with "
             "offsets for every document"
         )
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    if cu[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens starts at {cu[0]}; the first offset must be 0")
-    if cu[-1] != T:
-        raise ValueError(
-            f"{op}: cu_seqlens ends at {cu[-1]} but the sequence has T={T} tokens; the last "
-            f"offset must be T={T}"
-        )
-    bad = [i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]]
-    if bad:
-        i = bad[0]
-        raise ValueError(
-            f"{op}: cu_seqlens is not strictly increasing: cu_seqlens[{i}]={cu[i]} and "
-            f"cu_seqlens[{i + 1}]={cu[i + 1]}; every document needs at least one token (drop "
-            "empty documents from the offsets)"
-        )
-    N = len(cu) - 1
-    if initial_state is not None:
-        V = v.shape[-1]
-        s = _check_tensor(op, "initial_state", initial_state, "[N, H, K, V]")
-        if s.shape != torch.Size((N, H, K, V)):
-            raise ValueError(
-                f"{op}: initial_state has shape {_shape(s)}; with cu_seqlens of {N} documents "
-                f"the state must be [N, H, K, V] = [{N}, {H}, {K}, {V}] (one per document)"
-            )
-        if s.device != q.device:
-            raise ValueError(
-                f"{op}: initial_state is on {s.device} but q is on {q.device}; move it to {q.device}"
-            )
+    cu = check_offsets(op, cu_seqlens, T)
+    check_document_states(op, initial_state, len(cu) - 1, H, K, v.shape[-1], q.device)
     return cu
 
 

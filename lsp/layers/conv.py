@@ -57,13 +57,20 @@ class ShortConvolution(nn.Module):
             lambda shape, gen: (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound,
         )
 
-    def forward(self, x: Tensor, copies: int = 1) -> Tensor:
+    def forward(self, x: Tensor, copies: int = 1, cu_seqlens: Tensor | None = None) -> Tensor:
         """``x``: ``[B, T, copies * C]`` (this rank's channels, ``copies`` stacked sets sharing the
-        kernel); returns the same shape."""
+        kernel); returns the same shape. ``cu_seqlens``: the GLOBAL document offsets of a packed
+        sequence (``B = 1``): no tap reads a token of an earlier document, inside the shard or
+        through the halo (:meth:`_conv_packed`)."""
         from lsp.parallel.halo import halo_exchange
 
+        if cu_seqlens is not None and self.backend == "triton":
+            raise ValueError("ShortConvolution: cu_seqlens needs conv_backend='torch' until the "
+                             "conv kernel takes it; set model.conv_backend=torch")
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
+        if cu_seqlens is not None:
+            return self._conv_packed(x, halo, copies, cu_seqlens)
         if self.backend == "triton":
             return self._conv_triton(x, halo, copies)
         if self.recompute and torch.is_grad_enabled():
@@ -80,6 +87,27 @@ class ShortConvolution(nn.Module):
         xp = torch.cat([halo, x], dim=1).transpose(1, 2)  # [B, C, T + w - 1]
         weight = self._weight(copies)
         y = F.conv1d(xp, weight.to(x.dtype), groups=weight.shape[0]).transpose(1, 2)
+        return F.silu(y) if self.activation == "silu" else y
+
+    def _conv_packed(self, x: Tensor, halo: Tensor, copies: int, cu_seqlens: Tensor) -> Tensor:
+        """The convolution with the taps that reach into an earlier document masked to zero.
+
+        ``y_t = sum_j W[w - j] x_{t-j} [j <= position of t in its document]``: one masked
+        multiply-add per tap (the kernels are short).
+        """
+        from lsp.parallel.packed import document_positions
+
+        if x.shape[0] != 1:
+            raise ValueError(f"ShortConvolution: cu_seqlens needs a batch of 1 (documents "
+                             f"packed along T), got B={x.shape[0]}")
+        w, T = self.kernel_size - 1, x.shape[1]
+        pos = document_positions(cu_seqlens, self.ctx.cp_rank * T, T).to(x.device)
+        xp = torch.cat([halo, x], dim=1)  # [1, T + w, C]
+        weight = self._weight(copies)[:, 0].to(x.dtype)  # [C, w + 1]
+        y = xp[:, w:] * weight[:, w]
+        for j in range(1, w + 1):
+            keep = (pos >= j).to(x.dtype)[None, :, None]
+            y = y + xp[:, w - j:w - j + T] * weight[:, w - j] * keep
         return F.silu(y) if self.activation == "silu" else y
 
     def _conv_triton(self, x: Tensor, halo: Tensor, copies: int) -> Tensor:

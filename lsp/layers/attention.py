@@ -149,14 +149,22 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = ColumnLinear(D, Hkv * head_dim, ctx, init=init)
         self.o_proj = RowLinear(H * head_dim, D, ctx, init=default_out_init(init_std, num_layers))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, None)``."""
+    def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, None]:
+        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, None)``.
+        ``cu_seqlens``: packed documents, attention within each document only
+        (``lsp.layers.doc_attention``)."""
         xb = self.ctx.enter_tp(x).transpose(0, 1)  # [B, T, D], T = this CP rank's tokens
         T = xb.shape[1]
         pos = self.ctx.cp_rank * T + torch.arange(T, device=xb.device)
         q = apply_rope(split_heads(self.q_proj(xb), self.d), pos, self.theta)
         k = apply_rope(split_heads(self.k_proj(xb), self.d), pos, self.theta)
         v = split_heads(self.v_proj(xb), self.d)
-        o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance,
-                             self.ctx.cp_attention_overlap)
+        if cu_seqlens is not None:
+            from lsp.layers.doc_attention import document_causal_attention
+
+            o = document_causal_attention(q, k, v, cu_seqlens, self.ctx.cp_group,
+                                          self.ctx.cp_attention_balance)
+        else:
+            o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance,
+                                 self.ctx.cp_attention_overlap)
         return self.o_proj(merge_heads(o)), None

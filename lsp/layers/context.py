@@ -30,6 +30,7 @@ __all__ = [
     "ParallelContext",
     "SP_METHODS",
     "sequence_op",
+    "document_rows",
     "ColumnLinear",
     "RowLinear",
     "head_parameter",
@@ -184,18 +185,43 @@ def local_heads(num_heads: int, tp: int, what: str = "num_heads") -> int:
     return num_heads // tp
 
 
-def sequence_op(op, *args, ctx: ParallelContext, **kwargs) -> Tensor:
+def document_rows(cu_seqlens, B: int) -> list[Tensor] | None:
+    """Per-row GLOBAL document offsets of a packed micro-batch of ``B`` rows, or ``None``.
+
+    ``cu_seqlens`` is ``None``, one 1-D offsets tensor (``B = 1``, fla's form) or a list of
+    ``B`` of them (each row is its own sequence of documents; offsets cover the whole row,
+    every CP rank passes the same).
+    """
+    if cu_seqlens is None:
+        return None
+    rows = [cu_seqlens] if isinstance(cu_seqlens, Tensor) else list(cu_seqlens)
+    if len(rows) != B:
+        raise ValueError(
+            f"cu_seqlens gives offsets for {len(rows)} rows but the micro-batch has B={B}; pass "
+            "one 1-D offsets tensor per row (a single tensor only for B = 1)"
+        )
+    return rows
+
+
+def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, **kwargs) -> Tensor:
     """Run ``op`` (``lsp.ops.linear_attention`` or ``lsp.ops.delta_rule``) on this rank's shard.
 
     With CP = 1 this is the op itself; with CP > 1 it is ``lsp.parallel.sequence_parallel`` over
     the CP group with the context's exchange method. Positional ``args`` are the op's tensors
     (``q, k, v[, beta][, g]``), ``kwargs`` its keywords. Returns the local output only.
+
+    ``cu_seqlens`` (see :func:`document_rows`): packed documents, the state reset at every
+    boundary. At CP = 1 the rows are laid end to end into one packed call (a row start is a
+    document start); under CP each row runs through ``sequence_parallel`` with its offsets.
     """
     kwargs.setdefault("backend", ctx.backend)
     # Under CUDA autocast the L2 norm of q and k runs in float32 (autocast's fp32 list) while v
     # comes out of a linear layer in bf16; the ops take one dtype for q, k, v: use v's.
     q, k, v = args[:3]
     args = (q.to(v.dtype), k.to(v.dtype), v) + tuple(args[3:])
+    rows = document_rows(cu_seqlens, q.shape[0])
+    if rows is not None:
+        return _packed_sequence_op(op, args, ctx, rows, kwargs)
     if ctx.cp_size == 1:
         out, _ = op(*args, **kwargs)
         return out
@@ -206,6 +232,27 @@ def sequence_op(op, *args, ctx: ParallelContext, **kwargs) -> Tensor:
                                timer=ctx.exchange_timer,
                                ablate_incoming_state=ctx.ablate_incoming_state, **kwargs)
     return out
+
+
+def _packed_sequence_op(op, args, ctx: ParallelContext, rows: list[Tensor], kwargs) -> Tensor:
+    B, T = args[0].shape[:2]
+    if ctx.cp_size == 1:
+        offsets = torch.cat([r.to(torch.int64)[:-1] + b * T for b, r in enumerate(rows)]
+                            + [torch.tensor([B * T], device=rows[0].device)])
+        flat = [a.reshape((1, B * T) + a.shape[2:]) for a in args]
+        out, _ = op(*flat, cu_seqlens=offsets, **kwargs)
+        return out.reshape((B, T) + out.shape[2:])
+    from lsp.parallel import sequence_parallel
+
+    outs = []
+    for b, r in enumerate(rows):
+        out, _ = sequence_parallel(op, *[a[b:b + 1] for a in args], group=ctx.cp_group,
+                                   method=ctx.sp_method, num_blocks=ctx.sp_num_blocks,
+                                   check=ctx.sp_check, timer=ctx.exchange_timer,
+                                   ablate_incoming_state=ctx.ablate_incoming_state,
+                                   cu_seqlens=r, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=0)
 
 
 def _tag(param: Tensor, init: InitFn, *, tp_split: bool, dim: int = 0) -> Tensor:

@@ -60,7 +60,7 @@ class ShortConvolution(nn.Module):
     def forward(self, x: Tensor, copies: int = 1, cu_seqlens: Tensor | None = None) -> Tensor:
         """``x``: ``[B, T, copies * C]`` (this rank's channels, ``copies`` stacked sets sharing the
         kernel); returns the same shape. ``cu_seqlens``: the GLOBAL document offsets of a packed
-        sequence (``B = 1``): no tap reads a token of an earlier document, inside the shard or
+        sequence (one 1-D tensor for ``B = 1`` or one per row): no tap reads a token of an earlier document, inside the shard or
         through the halo (:meth:`_conv_packed`)."""
         from lsp.parallel.halo import halo_exchange
 
@@ -70,6 +70,11 @@ class ShortConvolution(nn.Module):
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
         if cu_seqlens is not None:
+            if self.recompute and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                return checkpoint(self._conv_packed, x, halo, copies, cu_seqlens,
+                                  use_reentrant=False)
             return self._conv_packed(x, halo, copies, cu_seqlens)
         if self.backend == "triton":
             return self._conv_triton(x, halo, copies)
@@ -97,16 +102,16 @@ class ShortConvolution(nn.Module):
         """
         from lsp.parallel.packed import document_positions
 
-        if x.shape[0] != 1:
-            raise ValueError(f"ShortConvolution: cu_seqlens needs a batch of 1 (documents "
-                             f"packed along T), got B={x.shape[0]}")
+        from lsp.layers.context import document_rows
+
         w, T = self.kernel_size - 1, x.shape[1]
-        pos = document_positions(cu_seqlens, self.ctx.cp_rank * T, T).to(x.device)
-        xp = torch.cat([halo, x], dim=1)  # [1, T + w, C]
+        pos = torch.stack([document_positions(r, self.ctx.cp_rank * T, T)
+                           for r in document_rows(cu_seqlens, x.shape[0])]).to(x.device)
+        xp = torch.cat([halo, x], dim=1)  # [B, T + w, C]
         weight = self._weight(copies)[:, 0].to(x.dtype)  # [C, w + 1]
         y = xp[:, w:] * weight[:, w]
         for j in range(1, w + 1):
-            keep = (pos >= j).to(x.dtype)[None, :, None]
+            keep = (pos >= j).to(x.dtype)[..., None]
             y = y + xp[:, w - j:w - j + T] * weight[:, w - j] * keep
         return F.silu(y) if self.activation == "silu" else y
 

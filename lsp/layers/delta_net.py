@@ -102,15 +102,17 @@ class _DeltaRuleMixer(nn.Module):
         self.o_norm = HeadRMSNorm(H, self.dv, ctx, eps=norm_eps, gated=self.use_output_gate)
         self.o_proj = RowLinear(H * self.dv, D, ctx, init=default_out_init(init_std, num_layers))
 
-    def _qkv(self, xb: Tensor, k_proj, v_proj, copies: int = 1) -> tuple[Tensor, Tensor]:
+    def _qkv(self, xb: Tensor, k_proj, v_proj, copies: int = 1,
+             cu_seqlens=None) -> tuple[Tensor, Tensor]:
         k, v = k_proj(xb), v_proj(xb)
         if self.use_short_conv:
-            return self.k_conv(k, copies), self.v_conv(v, copies)
+            return (self.k_conv(k, copies, cu_seqlens=cu_seqlens),
+                    self.v_conv(v, copies, cu_seqlens=cu_seqlens))
         return F.silu(k), F.silu(v)
 
-    def _query(self, xb: Tensor) -> Tensor:
+    def _query(self, xb: Tensor, cu_seqlens=None) -> Tensor:
         q = self.q_proj(xb)
-        return self.q_conv(q) if self.use_short_conv else F.silu(q)
+        return self.q_conv(q, cu_seqlens=cu_seqlens) if self.use_short_conv else F.silu(q)
 
     def _decay(self, a: Tensor) -> Tensor:
         """``log a_t = -exp(A_log) softplus(a + dt_bias)``, ``[B, T, h]`` (float32 at least)."""
@@ -120,18 +122,19 @@ class _DeltaRuleMixer(nn.Module):
         gate = split_heads(self.g_proj(xb), self.dv) if self.use_output_gate else None
         return self.o_proj(merge_heads(self.o_norm(o, gate)))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+    def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, None]:
         """``x``: ``[T_local, B, D]`` (sequence-sharded over TP when TP > 1). Returns
-        ``(output of the same shape, None)`` (``None``: no auxiliary loss)."""
+        ``(output of the same shape, None)`` (``None``: no auxiliary loss). ``cu_seqlens``:
+        packed documents (``lsp.layers.context.document_rows``)."""
         xb = self.ctx.enter_tp(x).transpose(0, 1)  # [B, T, D]
-        q = l2norm(split_heads(self._query(xb), self.dk))
-        k, v = self._qkv(xb, self.k_proj, self.v_proj)
+        q = l2norm(split_heads(self._query(xb, cu_seqlens), self.dk))
+        k, v = self._qkv(xb, self.k_proj, self.v_proj, cu_seqlens=cu_seqlens)
         k, v = l2norm(split_heads(k, self.dk)), split_heads(v, self.dv)
         beta = torch.sigmoid(self.b_proj(xb))
         args = [q, k, v, beta]
         if self.gated:
             args.append(self._decay(self.a_proj(xb)))
-        o = sequence_op(ops.delta_rule, *args, ctx=self.ctx)
+        o = sequence_op(ops.delta_rule, *args, ctx=self.ctx, cu_seqlens=cu_seqlens)
         return self._output(o, xb), None
 
 

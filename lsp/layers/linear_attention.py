@@ -144,15 +144,18 @@ class LinearAttention(nn.Module):
             return x / x.sum(-1, keepdim=True)
         return x
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, None)``."""
+    def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, None]:
+        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, None)``.
+        ``cu_seqlens``: packed documents (``lsp.layers.context.document_rows``)."""
         xb = self.ctx.enter_tp(x).transpose(0, 1)  # [B, T, D]
         q, k, v = self.q_proj(xb), self.k_proj(xb), self.v_proj(xb)
         if self.use_short_conv:
-            q, k, v = self.q_conv(q), self.k_conv(k), self.v_conv(v)
+            cu = cu_seqlens
+            q, k, v = (self.q_conv(q, cu_seqlens=cu), self.k_conv(k, cu_seqlens=cu),
+                       self.v_conv(v, cu_seqlens=cu))
         q, k, v = self._qk(q), self._qk(k), split_heads(v, self.dv)
         g = self._log_decay(xb)
         args = [q, k, v] if g is None else [q, k, v, g]
-        o = sequence_op(ops.linear_attention, *args, ctx=self.ctx)
+        o = sequence_op(ops.linear_attention, *args, ctx=self.ctx, cu_seqlens=cu_seqlens)
         gate = split_heads(self.g_proj(xb), self.dv) if self.use_output_gate else None
         return self.o_proj(merge_heads(self.o_norm(o, gate))), None

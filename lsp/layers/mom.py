@@ -156,7 +156,7 @@ class MixtureOfMemories(nn.Module):
     def _decay(self, a: Tensor) -> Tensor:
         return mamba_decay(a, self.A_log, self.dt_bias)
 
-    def _inputs(self, xb: Tensor, q: Tensor, mask: Tensor, idx: list[int]):
+    def _inputs(self, xb: Tensor, q: Tensor, mask: Tensor, idx: list[int], cu_seqlens=None):
         """The delta-rule inputs of memories ``idx``, stacked along the head axis:
         ``q, k [B, T, n h, dk]``, ``v [B, T, n h, dv]``, ``beta, g [B, T, n h]`` with ``beta = 0``
         and ``log a = 0`` where the memory's ``mask [B, T, n]`` is 0 (tokens not routed to it)."""
@@ -165,7 +165,8 @@ class MixtureOfMemories(nn.Module):
         k = torch.cat([self.k_proj[m](xb) for m in idx], dim=-1)
         v = torch.cat([self.v_proj[m](xb) for m in idx], dim=-1)
         if self.use_short_conv:
-            k, v = self.k_conv(k, copies=n), self.v_conv(v, copies=n)
+            k = self.k_conv(k, copies=n, cu_seqlens=cu_seqlens)
+            v = self.v_conv(v, copies=n, cu_seqlens=cu_seqlens)
         else:
             k, v = F.silu(k), F.silu(v)
         qn = q if n == 1 else q.unsqueeze(2).expand(B, T, n, h, dk).reshape(B, T, n * h, dk)
@@ -178,17 +179,21 @@ class MixtureOfMemories(nn.Module):
         g = (g * keep.to(g.dtype)).reshape(B, T, n * h)
         return qn, k, v, beta, g
 
-    def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None) -> Tensor:
+    def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None,
+                cu_seqlens=None) -> Tensor:
         """Memory ``m`` over all tokens (``mask [B, T, 1]``: its routing), times its router
         weight ``w [B, T]`` (``None``: the shared memory). Returns ``[B, T, h, dv]``."""
-        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, [m]), ctx=self.ctx)
+        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, [m], cu_seqlens),
+                        ctx=self.ctx, cu_seqlens=cu_seqlens)
         return o if w is None else o * w[..., None, None].to(o.dtype)
 
-    def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
+    def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
+                      cu_seqlens=None) -> Tensor:
         """All memories in one op call, stacked along the head axis (the dense form)."""
         n = len(self.k_proj)
         B, T = xb.shape[:2]
-        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, list(range(n))), ctx=self.ctx)
+        o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, list(range(n)), cu_seqlens),
+                        ctx=self.ctx, cu_seqlens=cu_seqlens)
         o = o.reshape(B, T, n, self.h, self.dv)
         out = (o[:, :, : self.M] * weights[..., None, None].to(o.dtype)).sum(2)
         if self.shared:
@@ -196,8 +201,10 @@ class MixtureOfMemories(nn.Module):
         return out
 
     # mixing -----------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``."""
+    def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
+        """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``.
+        ``cu_seqlens``: packed documents; every memory resets at each boundary (a memory's
+        state is a delta-rule state like any other; routing itself keeps no state)."""
         ctx, dk, dv = self.ctx, self.dk, self.dv
         weights, mask, aux = self.route(x)
         routing = ctx.enter_tp(torch.cat([weights, mask], dim=-1)).transpose(0, 1)  # [B, T, 2M]
@@ -209,19 +216,19 @@ class MixtureOfMemories(nn.Module):
             mask = torch.cat([mask, mask.new_ones(B, T, 1)], dim=-1)  # [B, T, n]
 
         q = self.q_proj(xb)
-        q = self.q_conv(q) if self.use_short_conv else F.silu(q)
+        q = self.q_conv(q, cu_seqlens=cu_seqlens) if self.use_short_conv else F.silu(q)
         q = l2norm(split_heads(q, dk))  # [B, T, h, dk], shared by the memories
         if self.memory_checkpointing:
             out = None
             for m in range(n):
                 w = weights[..., m] if m < self.M else None
                 if torch.is_grad_enabled():
-                    o = checkpoint(self._memory, m, xb, q, mask[..., m:m + 1], w,
+                    o = checkpoint(self._memory, m, xb, q, mask[..., m:m + 1], w, cu_seqlens,
                                    use_reentrant=False)
                 else:
-                    o = self._memory(m, xb, q, mask[..., m:m + 1], w)
+                    o = self._memory(m, xb, q, mask[..., m:m + 1], w, cu_seqlens)
                 out = o if out is None else out + o
         else:
-            out = self._all_memories(xb, q, mask, weights)
+            out = self._all_memories(xb, q, mask, weights, cu_seqlens)
         gate = split_heads(self.g_proj(xb), dv) if self.use_output_gate else None
         return self.o_proj(merge_heads(self.o_norm(out, gate))), aux

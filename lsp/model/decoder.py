@@ -100,12 +100,14 @@ class Block(nn.Module):
                               aux_loss_coeff=cfg.moe_aux_loss_coeff,
                               grouped_gemm=cfg.moe_grouped_gemm, **common)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
         with torch.profiler.record_function(self.label):
-            return self._forward(x)
+            return self._forward(x, cu_seqlens)
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        y, aux = self.mixer(self.mixer_norm(x))
+    def _forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
+        # packed documents reach the token mixer only: the FFN (dense or MoE) keeps no state
+        y, aux = (self.mixer(self.mixer_norm(x)) if cu_seqlens is None
+                  else self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens))
         x = x + y
         if self.ffn is not None:
             y, aux_ffn = self.ffn(self.ffn_norm(x))
@@ -177,9 +179,12 @@ class DecoderLM(nn.Module):
         return self.embedding.weight if self.output is None else self.output.weight
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
-                loss_mask: Tensor | None = None) -> LMOutput:
+                loss_mask: Tensor | None = None, cu_seqlens=None) -> LMOutput:
         """``input_ids``, ``labels``, ``loss_mask``: this rank's ``[B_local, T / cp]`` tokens,
-        targets and (optional) 0/1 weights."""
+        targets and (optional) 0/1 weights. ``cu_seqlens``: packed documents, the GLOBAL
+        offsets of each row's whole sequence (one 1-D tensor for ``B_local = 1``, else a list
+        of ``B_local``; the same on every CP rank): every layer's state resets at each
+        boundary and no token attends or convolves across one."""
         ctx = self.ctx
         B, T = input_ids.shape
         if T % ctx.tp_size:
@@ -190,9 +195,13 @@ class DecoderLM(nn.Module):
         h = self.embedding(input_ids)  # [T / tp, B, D]
         if not self.cfg.fp32_residual_connection and torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))
+        if cu_seqlens is not None:
+            from lsp.layers.context import document_rows
+
+            document_rows(cu_seqlens, B)  # the named error before any layer runs
         aux = None
         for block in self.blocks:
-            h, a = block(h)
+            h, a = block(h, cu_seqlens)
             if a is not None:
                 aux = a if aux is None else aux + a
         h = self.final_norm(h)

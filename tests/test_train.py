@@ -135,7 +135,6 @@ def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
     (["model.pattern=GXS", "model.ffn_pattern=FFF"], r"unknown mixer letter 'X'"),
     (["parallel.cp=3", "parallel.nproc=2"], r"world size 2 is not divisible by tp\*cp = 1\*3"),
     (["data=megatron", "data.vocab_size=256"], r"data.kind=megatron needs data.path="),
-    (["data.reset_state_at_document_boundaries=true"], r"needs document boundaries \(cu_seqlens\)"),
     (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),
 ])
 def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_path, capsys):

@@ -3,8 +3,10 @@
 Every machine with Python has these files, so the main job needs no download. Files are taken in
 sorted order of their path relative to the standard library root; a file goes to the validation
 split when a hash of that relative path falls in the last ``valid_percent`` of the range, so the
-split is the same on every machine with the same files. Documents are joined with a newline and a
-form feed (byte 12), which never occurs inside a source file by convention, as the boundary.
+split is the same on every machine with the same files. Each file is one document, ended by a
+newline and a form feed (byte 12, the end-of-document token: it never occurs inside a source file
+by convention); ``doc_starts`` holds where each document begins (packed-document training resets
+every state there).
 Tokens are bytes: a vocabulary of 256.
 """
 

@@ -166,7 +166,11 @@ class DataConfig:
     """stdlib: read at most this many bytes (faster start for demos)."""
     num_pairs: int = 8
     """mqar: key-value pairs per sequence."""
-    reset_state_at_document_boundaries: bool = False
+    reset_state_at_document_boundaries: bool = True
+    """stdlib, megatron: every layer's state starts afresh at each document (packed documents,
+    ``cu_seqlens``); false lets it flow across documents as Megatron's GPT datasets do. Needs
+    ``parallel.op_backend=torch`` and ``model.conv_backend=torch`` on GPUs until the kernels
+    take document offsets. mqar samples are one document each: nothing to reset."""
 
     def __post_init__(self):
         _one_of("data", "kind", self.kind, DATA_KINDS)
@@ -183,12 +187,9 @@ class DataConfig:
             raise ValueError(f"data.kind={self.kind} needs data.vocab_size=<the tokenizer's "
                              "vocabulary size>")
         _at_least("data", self, 1, "vocab_size", "num_pairs")
-        if self.reset_state_at_document_boundaries:
-            raise ValueError(
-                "data.reset_state_at_document_boundaries=true needs document boundaries "
-                "(cu_seqlens) in the ops and across ranks, which lsp does not support yet; set it "
-                "to false to train across document boundaries as Megatron's GPT datasets do"
-            )
+        if not isinstance(self.reset_state_at_document_boundaries, bool):
+            raise ValueError(f"data.reset_state_at_document_boundaries="
+                             f"{self.reset_state_at_document_boundaries!r}; pass true or false")
 
 
 @dataclass

@@ -36,7 +36,7 @@ class Evaluator:
             b = sampler.micro_batch_at(i, 0, topo.cp_rank, topo.cp).to(self.device)
             with self.autocast():
                 if mqar:
-                    logits = model(b.input_ids).logits  # [T/cp, B, V/tp]
+                    logits = model(b.input_ids, cu_seqlens=b.cu_seqlens).logits  # [T/cp, B, V/tp]
                     if topo.tp > 1:
                         parts = [torch.empty_like(logits) for _ in range(topo.tp)]
                         dist.all_gather(parts, logits.contiguous(), group=topo.tp_group)
@@ -44,7 +44,7 @@ class Evaluator:
                     c, t = accuracy(logits.transpose(0, 1).float(), b.labels)
                     correct, total = correct + c, total + t
                 else:
-                    out = model(b.input_ids, b.labels)
+                    out = model(b.input_ids, b.labels, cu_seqlens=b.cu_seqlens)
                     loss_sum, n = loss_sum + float(out.lm_loss), n + 1
         model.train()
         if mqar:

@@ -168,7 +168,8 @@ class Trainer:
             loss_mask = ((batch.labels != IGNORE_INDEX).float()
                          if self.run.data.kind == "mqar" else None)
             with self.autocast():
-                out = model(batch.input_ids, batch.labels, loss_mask=loss_mask)
+                out = model(batch.input_ids, batch.labels, loss_mask=loss_mask,
+                            cu_seqlens=batch.cu_seqlens)
             self.profiler.mark_forward(m)
             (out.loss / accum).backward()
             lm_loss += float(out.lm_loss) / accum

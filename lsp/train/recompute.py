@@ -37,12 +37,12 @@ def _offload_hooks():
     return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
-def _offloaded_checkpoint(fn, x):
+def _offloaded_checkpoint(fn, x, cu_seqlens=None):
     """torch's reentrant checkpoint keeps its input through ``save_for_backward``, so the
     offload hooks move it to host memory until the block's backward brings it back; the block
     itself runs without saving anything in forward."""
     with _offload_hooks():
-        return checkpoint(fn, x, use_reentrant=True)
+        return checkpoint(fn, x, cu_seqlens, use_reentrant=True)
 
 
 def replay_routing(fn, replays):
@@ -63,7 +63,7 @@ def replay_routing(fn, replays):
     def fresh():
         recorded = []
 
-        def run(x):
+        def run(x, cu_seqlens=None):  # cu_seqlens: packed documents (DecoderLM.forward)
             again = bool(recorded)
             for i, r in enumerate(replays):
                 r.clear_indices()
@@ -71,7 +71,7 @@ def replay_routing(fn, replays):
                     r.set_target_indices(recorded[i])
                 r.set_router_replay_action(Act.REPLAY_BACKWARD if again else Act.RECORD)
             try:
-                out = fn(x)
+                out = fn(x, cu_seqlens)
                 if not again:
                     recorded.extend(r.get_recorded_indices() for r in replays)
             finally:
@@ -111,9 +111,9 @@ def apply_activation_checkpointing(model, save_attention: bool = True,
         fresh = replay_routing(block.forward, replays)
         keep_attention = save_attention and isinstance(block.mixer, SoftmaxAttention)
         if offload and not keep_attention:
-            block.forward = lambda x, _n=fresh: _offloaded_checkpoint(_n(), x)
+            block.forward = lambda x, cu=None, _n=fresh: _offloaded_checkpoint(_n(), x, cu)
             continue
         kw = dict(use_reentrant=False, early_stop=False)
         if keep_attention:
             kw["context_fn"] = _save_attention_context
-        block.forward = lambda x, _n=fresh, _kw=kw: checkpoint(_n(), x, **_kw)
+        block.forward = lambda x, cu=None, _n=fresh, _kw=kw: checkpoint(_n(), x, cu, **_kw)

@@ -47,7 +47,8 @@ def test_packed_model_equals_each_document_alone():
 
 def test_packed_model_rejects_offsets_for_the_wrong_batch():
     model = DecoderLM(ModelConfig(**SMALL, pattern="G"), ParallelContext(backend="torch"))
-    with pytest.raises(ValueError, match="cu_seqlens gives offsets for 1 rows but the micro-batch has B=2"):
+    with pytest.raises(ValueError,
+                       match="cu_seqlens gives offsets for 1 rows but the micro-batch has B=2"):
         model(_ids(2, 8), cu_seqlens=torch.tensor([0, 3, 8]))
 
 

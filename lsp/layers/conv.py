@@ -59,9 +59,9 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: Tensor, copies: int = 1, cu_seqlens: Tensor | None = None) -> Tensor:
         """``x``: ``[B, T, copies * C]`` (this rank's channels, ``copies`` stacked sets sharing the
-        kernel); returns the same shape. ``cu_seqlens``: the GLOBAL document offsets of a packed
-        sequence (one 1-D tensor for ``B = 1`` or one per row): no tap reads a token of an earlier document, inside the shard or
-        through the halo (:meth:`_conv_packed`)."""
+        kernel); returns the same shape. ``cu_seqlens``: the GLOBAL document offsets of a
+        packed sequence (one 1-D tensor for ``B = 1`` or one per row): no tap reads a token of
+        an earlier document, inside the shard or through the halo (:meth:`_conv_packed`)."""
         from lsp.parallel.halo import halo_exchange
 
         if cu_seqlens is not None and self.backend == "triton":

@@ -4,10 +4,11 @@ A query attends to the keys of its own document at or before it: block-diagonal 
 attention. The keys are all-gathered over the CP group as in
 :func:`lsp.layers.attention.causal_attention` (LASP-2H); the mask is built from the global
 document offsets (each CP rank knows its queries' global positions) and applied with
-``torch.nn.functional.scaled_dot_product_attention`` (its math backend on CPU); with the balanced
-CP layout the masked blocks merge by their log-sum-exp (``lsp.parallel.cp_doc_attention``). Every query sees
-at least itself, so no row of the mask is empty. Rotary embeddings need no per-document reset:
-they are relative, and no score crosses a document.
+``torch.nn.functional.scaled_dot_product_attention`` (its math backend on CPU); with the
+balanced CP layout the masked blocks merge by their log-sum-exp
+(``lsp.parallel.cp_doc_attention``). Every query sees at least itself, so no row of the mask is
+empty. Rotary embeddings need no per-document reset: they are relative, and no score crosses a
+document.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
 
     ``q [B, T, H, d]``, ``k, v [B, T, Hkv, d]`` (this rank's contiguous slice); ``cu_seqlens``:
     the GLOBAL offsets of each row (``lsp.layers.context.document_rows``); ``group``: the CP
-    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``). Returns ``[B, T, H, d]``, the matching slice of document-causal attention over the
-    whole sequence.
+    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``). Returns
+    ``[B, T, H, d]``, the matching slice of document-causal attention over the whole sequence.
     """
     from lsp.parallel.seq_gather import all_gather_sequence
 

@@ -64,8 +64,10 @@ def _cp_rank(rank, P, pattern, ffn, methods):
     ref = DecoderLM(ModelConfig(**cfg), ParallelContext(backend="torch"))
     out = {}
     for method in methods:
+        balance = method == "allgather"  # softmax attention's balanced layout with one method
         model = DecoderLM(ModelConfig(**cfg), ParallelContext(topo=topo, sp_method=method,
-                                                              backend="torch"))
+                                                              backend="torch",
+                                                              cp_attention_balance=balance))
         sl = slice(rank * 8, (rank + 1) * 8)
         logits = model(ids[:, sl], cu_seqlens=cu).logits
         labels = _ids(1, T, seed=3)[:, sl]

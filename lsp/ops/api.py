@@ -54,10 +54,37 @@ def _bind_packed(op: str, q, v, cu_seqlens, initial_state, backend) -> None:
                          "backend='torch'")
 
 
+def _fla_forms(op: str, q, k, v, backend):
+    """What fla accepts around the plain form: grouped value heads and a half-precision ``v``.
+
+    - ``v`` with ``HV = m * H`` heads (Qwen3-Next's Gated DeltaNet): every query/key head serves
+      ``m`` consecutive value heads, so ``q`` and ``k`` repeat along the head axis (autograd sums
+      their gradients back); ``beta``, ``g`` and the states are then per value head.
+    - a float16 / bfloat16 ``v`` beside float32 ``q``, ``k``: computed in float32, output in
+      ``v``'s dtype (the torch path).
+
+    Returns ``(q, k, v_for_checks)``; ``v_for_checks`` has ``q``'s dtype (no copy) so that the
+    usual checks see one dtype.
+    """
+    if not all(isinstance(x, Tensor) and x.dim() == 4 for x in (q, k, v)):
+        return q, k, v
+    H, HV = q.shape[2], v.shape[2]
+    if HV != H and HV % H == 0 and k.shape == q.shape and v.shape[:2] == q.shape[:2]:
+        q, k = q.repeat_interleave(HV // H, dim=2), k.repeat_interleave(HV // H, dim=2)
+    if (q.dtype == k.dtype == torch.float32 and v.dtype in (torch.float16, torch.bfloat16)):
+        if backend == "triton" or (backend == "auto" and
+                                   resolve_backend(op, backend, q) == "triton"):
+            raise ValueError(f"{op}: a {v.dtype} v beside float32 q, k needs backend='torch' "
+                             "until the kernels take it; or cast v to float32")
+        return q, k, torch.empty((), dtype=q.dtype, device=v.device).expand(v.shape)
+    return q, k, v
+
+
 def _bind_linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
                           output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
     packed = cu_seqlens is not None
-    scale = check_inputs("linear_attention", q, k, v, None, g, scale,
+    q, k, v_checked = _fla_forms("linear_attention", q, k, v, backend)
+    scale = check_inputs("linear_attention", q, k, v_checked, None, g, scale,
                          None if packed else initial_state, output_final_state, backend,
                          needs_beta=False)
     if packed:
@@ -69,7 +96,8 @@ def _bind_linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
 def _bind_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                      output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
     packed = cu_seqlens is not None
-    scale = check_inputs("delta_rule", q, k, v, beta, g, scale,
+    q, k, v_checked = _fla_forms("delta_rule", q, k, v, backend)
+    scale = check_inputs("delta_rule", q, k, v_checked, beta, g, scale,
                          None if packed else initial_state, output_final_state, backend,
                          needs_beta=True)
     if packed:
@@ -117,6 +145,9 @@ def linear_attention(
 
     Args:
         q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (one floating dtype; K may differ from V).
+            As in fla, ``v`` may have ``HV = m * H`` heads (grouped value heads: each query/key
+            head serves ``m`` value heads; ``g``, states per value head) and may be float16 /
+            bfloat16 beside float32 ``q``, ``k`` (torch path; output in ``v``'s dtype).
         g: log-space decay: ``None`` (plain linear attention), ``[B, T, H]`` (one decay per head:
             Lightning / RetNet / Mamba-2 style) or ``[B, T, H, K]`` (per key channel: GLA).
         scale: query scale, default ``K ** -0.5``.

@@ -201,7 +201,8 @@ class DecoderLM(nn.Module):
             document_rows(cu_seqlens, B)  # the named error before any layer runs
         aux = None
         for block in self.blocks:
-            h, a = block(h, cu_seqlens)
+            # one argument without documents: wrappers of block.forward (checkpointing) stay valid
+            h, a = block(h) if cu_seqlens is None else block(h, cu_seqlens)
             if a is not None:
                 aux = a if aux is None else aux + a
         h = self.final_norm(h)

@@ -249,7 +249,8 @@ def sequence_parallel(
     unknown = set(kwargs) - {"backend"}
     if unknown:
         raise ValueError(f"sequence_parallel: unknown keyword(s) {sorted(unknown)} for {family}")
-    # the op's own checks (DESIGN.md §3): named errors for shapes, dtypes, gates, scale, state
+    # the op's own checks (docs/design.md, The op contract): named errors for shapes, dtypes,
+    # gates, scale, state
     scale = op.sp_validate(q, k, v, beta, g, scale, initial_state, need_final,
                            kwargs.get("backend", "auto"))
     B_, T, H, K = q.shape

@@ -1,4 +1,4 @@
-"""The two public ops (DESIGN.md §3) and their backend choice."""
+"""The two public ops (docs/design.md, The op contract) and their backend choice."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """lsp.kernels: Triton kernels for the two op families (chunkwise forward and backward).
 
-Kernels import nothing of the rest of the project (DESIGN.md §2). ``lsp.ops`` calls
+Kernels import nothing of the rest of the project (docs/design.md, Layout). ``lsp.ops`` calls
 :func:`linear_attention` and :func:`delta_rule` for ``backend="triton"`` (and for ``"auto"`` on
 CUDA tensors); :func:`unavailable_reason` says why they cannot run, or None when they can.
 

@@ -239,11 +239,10 @@ def balanced_causal_attention(q: Tensor, K: Tensor, V: Tensor, group,
     values ``K, V [B, H, P T, d]`` (every rank's shard, rank order), the work balanced over the
     ranks (see the module doc). Returns ``[B, H, T, d]``.
 
-    ``overlap=False`` runs each rank's own blocks first and exchanges the moved rows after, which
-    serialises a pair: ``lo`` waits for ``hi``'s own blocks before it can score ``hi``'s rows, and
-    ``hi`` then waits for those (the 1M profile at fc628ae: balancing saved 1.5 s of ~6 s, with
-    ~9 s of NCCL waits). ``overlap=True`` starts the exchange first: ``hi`` sends its moved rows
-    and posts the receive of their results before its own blocks, ``lo`` scores them first and
-    sends them back while it runs its own blocks; forward and backward alike. Same results; at
-    1M tokens on 2 x H200 the step went from 60.3 to 51.3 s (524e819, README)."""
+    ``overlap=False`` runs each rank's own blocks first and exchanges the moved rows after,
+    which serialises a pair: ``lo`` waits for ``hi``'s own blocks before it can score ``hi``'s
+    rows, and ``hi`` then waits for those. ``overlap=True`` starts the exchange first: ``hi``
+    sends its moved rows and posts the receive of their results before its own blocks, ``lo``
+    scores them first and sends them back while it runs its own blocks; forward and backward
+    alike. Same results, less waiting (docs/results.md)."""
     return _BalancedAttention.apply(q, K, V, group, overlap)

@@ -213,7 +213,7 @@ def test_the_1m_experiment_composes_and_validates_for_two_ranks():
     cfg = load_config(["experiment=1m_context_2gpu"])
     assert cfg.train.seq_len == 1048576 and cfg.parallel.cp == 2
     assert not cfg.model.fp32_residual_connection and cfg.model.mom_memory_checkpointing
-    # measured on 2 GPUs (README): the overlapped balanced exchange and the Triton convolution
+    # measured on 2 GPUs (docs/results.md): the overlapped balanced exchange and the Triton convolution
     assert cfg.parallel.attention_balance_overlap and cfg.model.conv_backend == "triton"
     layout = cfg.resolve(2)
     assert (layout.dp, layout.global_batch, layout.accum) == (1, 1, 1)

@@ -133,7 +133,7 @@ def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
     (["model.num_experts=3", "parallel.ep=2"], r"num_experts=3 is not divisible by the expert-parallel size ep=2"),
     (["train.seq_len=63"], r"sequence length 63 is not divisible by cp\*tp = 2\*1"),
     (["model.pattern=GXS", "model.ffn_pattern=FFF"], r"unknown mixer letter 'X'"),
-    (["parallel.cp=3", "parallel.nproc=2"], r"world size 2 is not divisible by tp\*cp = 1\*3"),
+    (["parallel.cp=3", "parallel.nproc=2", "train.seq_len=384"], r"world size 2 is not divisible by tp\*cp = 1\*3"),
     (["data=megatron", "data.vocab_size=256"], r"data.kind=megatron needs data.path="),
     (["data.reset_state_at_document_boundaries=true"], r"needs document boundaries \(cu_seqlens\)"),
     (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),

@@ -146,7 +146,7 @@ def test_conv_kernels_compile_for_sm90():
 def test_cp2_training_with_triton_convolutions_matches_torch_convolutions(tmp_path):
     """The default model (Gated DeltaNet, MoM and DeltaNet-style layers with short convolutions)
     on 2 CP ranks: the halo rows reach the kernel and the losses equal the conv1d path's."""
-    from test_train import CKPT, LAYOUT_ARGS, losses
+    from train_runs import CKPT, LAYOUT_ARGS, losses
 
     from lsp.launch.train import main
 

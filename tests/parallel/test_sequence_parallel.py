@@ -1,7 +1,8 @@
 """Sequence parallelism on simulated CPU ranks (gloo) equals the one-process op, gradients too.
 
 For P in {1, 2, 3, 4} one spawned group runs every family x gate x method x initial state x
-dtype (tests/sp_cases.py); each parametrized test below checks one of those configurations.
+dtype (``sp_cases.py`` beside this file); each parametrized test below checks one of those
+configurations.
 """
 
 from __future__ import annotations

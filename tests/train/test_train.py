@@ -10,15 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_runs import CKPT, FAST, LAYOUT_ARGS, losses
 
 from lsp.launch.train import compose, main
-
-FAST = ["data.max_bytes=1000000", "train.log_interval=1", "train.resume=auto"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
 
 
 def rel(a, b):
@@ -43,9 +37,6 @@ def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
     assert "cp: 2" in (run / "config.yaml").read_text()
 
 
-LAYOUT_ARGS = FAST + ["train.steps=5", "train.seq_len=64", "train.micro_batch=2"]
-
-
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
@@ -53,12 +44,8 @@ def one_process_losses(tmp_path_factory):
     return losses(run)
 
 
-# cp2+ckpt: the 1M-context experiment's memory options (activation checkpointing with attention
-# outputs kept, MoM one memory at a time) under CP, where rank 1's attention is lower-right masked
-CKPT = ["parallel.activation_checkpointing=true", "model.mom_memory_checkpointing=true",
-        "model.conv_checkpointing=true"]
-
-
+# cp2+ckpt: the 1M-context experiment's memory options (train_runs.CKPT) under CP, where rank 1's
+# attention is lower-right masked
 @pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt",
                                     "cp2+overlap+ckpt"])
 def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):

@@ -1,7 +1,7 @@
 """Layout equivalence: tiny models of every mixer kind run under a parallel layout and compared,
 loss and every gradient shard, with the one-process run.
 
-Used by ``tests/test_model_layouts.py`` (gloo, CPU) and by ``python -m lsp.model.check_gpu``
+Used by ``tests/model/test_model_layouts.py`` (gloo, CPU) and by ``python -m lsp.launch.check_gpu``
 (NCCL, GPUs). The flow on every rank: :func:`train_step` builds a case's model under the
 topology, runs forward and backward on this rank's shard of a fixed batch and reduces the
 gradients; :func:`snapshot` keeps the one-process results; :func:`compare` returns one row per

@@ -1,14 +1,14 @@
 """GPU check of the layers and the hybrid decoder under a parallel layout (NCCL).
 
-The CPU test suite runs the same comparison on gloo (``tests/test_model_layouts.py``); this runs
-it on GPUs, with megatron's CUDA paths (no CPU shim) and the op backend of your choice:
+The CPU test suite runs the same comparison on gloo (``tests/model/test_model_layouts.py``); this
+runs it on GPUs, with megatron's CUDA paths (no CPU shim) and the op backend of your choice:
 
     # 1. the one-process reference, on one GPU
-    torchrun --nproc-per-node 1 -m lsp.model.check_gpu --reference /tmp/ref.pt
+    torchrun --nproc-per-node 1 -m lsp.launch.check_gpu --reference /tmp/ref.pt
     # 2. each layout against it (world size = tp * cp * dp; ep divides it)
-    torchrun --nproc-per-node 2 -m lsp.model.check_gpu --compare /tmp/ref.pt --tp 2
-    torchrun --nproc-per-node 2 -m lsp.model.check_gpu --compare /tmp/ref.pt --cp 2 --ep 2
-    torchrun --nproc-per-node 4 -m lsp.model.check_gpu --compare /tmp/ref.pt --tp 2 --cp 2
+    torchrun --nproc-per-node 2 -m lsp.launch.check_gpu --compare /tmp/ref.pt --tp 2
+    torchrun --nproc-per-node 2 -m lsp.launch.check_gpu --compare /tmp/ref.pt --cp 2 --ep 2
+    torchrun --nproc-per-node 4 -m lsp.launch.check_gpu --compare /tmp/ref.pt --tp 2 --cp 2
 
 Every case of ``lsp.model.equivalence.CASES`` (each mixer kind, a hybrid with MoE) runs in
 float32 with TF32 off, for every SP method when CP > 1. Rank 0 prints the worst relative error
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         raise SystemExit("--reference runs in one process: torchrun --nproc-per-node 1")
     check_layout(world, args.tp, args.cp, args.ep)  # before any collective
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: the CPU path is checked by pytest tests/test_model_layouts.py")
+        raise SystemExit("no CUDA device: the CPU path is checked by "
+                         "pytest tests/model/test_model_layouts.py")
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

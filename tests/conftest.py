@@ -10,9 +10,9 @@ whole session; the variable is restored at once, and the kernel test modules set
 their own imports and tests (``triton_env.interpreted``).
 
 The test folders mirror the package (``ops``, ``kernels``, ``parallel``, ``layers``, ``model``,
-``train``, ``data``, ``launch``). pytest puts this folder on ``sys.path`` (it holds this
-conftest), so the support modules beside it (``oracle``, ``distributed``, ``model_harness``,
-``triton_env``, ``train_runs``) import from every folder.
+``train``, ``data``, ``launch``); shared helpers are in ``lsp.testing``. pytest puts this folder
+on ``sys.path`` (it holds this conftest), so the test-only support modules beside it
+(``triton_env``, ``train_runs``) import from every folder.
 """
 
 from triton_env import interpreted

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lsp.layers.attention import apply_rope, causal_attention
 from lsp.parallel.topology import init_topology

@@ -45,8 +45,17 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("linear_attention", "delta_rule")
-GATES = ("none", "scalar", "vector")
+from lsp.testing import (
+    FAMILIES,
+    GATES,
+    call,
+    make_inputs,
+    naive_for,
+    outputs_and_grads,
+    rel_err,
+    upcast,
+)
+
 NAMES = {
     ("linear_attention", "none"): "linear attention",
     ("linear_attention", "scalar"): "decayed LA (simple GLA)",
@@ -75,49 +84,11 @@ def poison():
     del big, small
 
 
-def rel_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def make_inputs(family, gate, B, T, H, K, V, dtype, seed=0, gate_value=None, state=True):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=gen, device=DEVICE, dtype=torch.float32)
-
-    a = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V)}
-    if family == "delta_rule":
-        a["beta"] = torch.sigmoid(rnd(B, T, H))
-    shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, K)}[gate]
-    if shape is not None:
-        g = F.logsigmoid(rnd(*shape))
-        if gate_value is not None:
-            g[:, 1::2] = gate_value
-        a["g"] = g
-    if state:
-        a["initial_state"] = rnd(B, H, K, V)
-    out = {}
-    for n, t in a.items():
-        # gates, beta and states stay float32 (as models keep them); q, k, v take the dtype
-        out[n] = (t.to(dtype) if n in ("q", "k", "v") else t).requires_grad_()
-    return out
-
-
-def call(fn, a, **kw):
-    pos = [a["q"], a["k"], a["v"]] + ([a["beta"]] if "beta" in a else [])
-    return fn(*pos, a.get("g"), initial_state=a.get("initial_state"), **kw)
-
-
-def outs_and_grads(fn, a, seed=1, **kw):
-    o, S = call(fn, a, output_final_state=True, **kw)
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype)
-    dS = torch.randn(S.shape, generator=gen, device=DEVICE).to(S.dtype)
-    names = list(a)
-    grads = torch.autograd.grad([o, S], [a[n] for n in names], [do, dS])
-    return o, S, dict(zip(names, grads))
+def inputs(family, gate, B, T, H, K, V, dtype, seed=0, gate_value=None, state=True):
+    """Random op inputs on ``DEVICE``: q, k, v in ``dtype``; gates, beta and the state stay
+    float32, as models keep them."""
+    return make_inputs(family, gate, B, T, H, K, V, dtype, with_state=state, seed=seed,
+                       gate_value=gate_value, device=DEVICE, gates_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------- correctness
@@ -162,27 +133,23 @@ def _chunk_ref(family, q, k, v, *rest, initial_state=None, output_final_state=Fa
 
 def run_case(c):
     from lsp import kernels
-    from lsp.ops.delta_net.naive import naive_recurrent_delta_rule
-    from lsp.ops.linear_attn.naive import naive_recurrent_linear_attention
 
-    naive = {"linear_attention": naive_recurrent_linear_attention,
-             "delta_rule": naive_recurrent_delta_rule}
     dtype = DT[c["dtype"]]
-    a = make_inputs(c["family"], c["gate"], c["B"], c["T"], c["H"], c["K"], c["V"], dtype,
-                    seed=c["T"] + c["K"], gate_value=c.get("gate_value"))
+    a = inputs(c["family"], c["gate"], c["B"], c["T"], c["H"], c["K"], c["V"], dtype,
+               seed=c["T"] + c["K"], gate_value=c.get("gate_value"))
     rec = dict(c)
     try:
         poison()
-        o, S, grads = outs_and_grads(getattr(kernels, c["family"]), a, num_segments=c["segs"])
+        o, S, grads = outputs_and_grads(getattr(kernels, c["family"]), a, num_segments=c["segs"])
         if DEVICE == "cuda":
             torch.cuda.synchronize()
-        ref = {n: t.detach().double().requires_grad_() for n, t in a.items()}
+        ref = upcast(a)
         if c["oracle"] == "naive":
-            o_r, S_r, g_r = outs_and_grads(naive[c["family"]], ref)
+            o_r, S_r, g_r = outputs_and_grads(naive_for(c["family"]), ref)
         else:
             def rfn(*args, **kw):
                 return _chunk_ref(c["family"], *args, **kw)
-            o_r, S_r, g_r = outs_and_grads(rfn, ref)
+            o_r, S_r, g_r = outputs_and_grads(rfn, ref)
         finite = bool(torch.isfinite(o).all() and torch.isfinite(S).all()
                       and all(torch.isfinite(g).all() for g in grads.values()))
         errs = {"o": rel_err(o, o_r), "S": rel_err(S, S_r)}
@@ -278,7 +245,7 @@ def peak_mem(run):
 
 
 def bench_inputs(family, gate, T, B=1, H=16, K=128, V=128, seed=0):
-    a = make_inputs(family, gate, B, T, H, K, V, torch.bfloat16, seed=seed, state=False)
+    a = inputs(family, gate, B, T, H, K, V, torch.bfloat16, seed=seed, state=False)
     if "beta" in a:
         a["beta"] = a["beta"].detach().to(torch.bfloat16).requires_grad_()
     return a

@@ -56,6 +56,7 @@ def main():
     from lsp.kernels.common import pairwise as kpair
     from lsp.kernels.common import utils as kutils
     from lsp.launch import bench_kernels as bk
+    from lsp.testing import rel_err
 
     if args.cpu:
         bk.DEVICE = "cpu"
@@ -105,12 +106,12 @@ def main():
                                                                      "BKW", "STRICT", "SAME", "IP")},
                    outputs={})
         for i in changed:
-            rec["outputs"][str(i)] = dict(real_vs_twin=bk.rel_err(tensors[i], twin[i]),
+            rec["outputs"][str(i)] = dict(real_vs_twin=rel_err(tensors[i], twin[i]),
                                           dtype=str(tensors[i].dtype))
         if args.warps and (not only or name in only) and args.warps != num_warps:
             var = rerun(False, args.warps, None)
             for i in changed:
-                rec["outputs"][str(i)]["var_vs_twin"] = bk.rel_err(var[i], twin[i])
+                rec["outputs"][str(i)]["var_vs_twin"] = rel_err(var[i], twin[i])
                 tensors[i].copy_(var[i])  # the variant's result goes on
         report.append(rec)
         line = " ".join(f"arg{i}:{v['real_vs_twin']:.1e}"

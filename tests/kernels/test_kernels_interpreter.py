@@ -21,12 +21,20 @@ with interpreted():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from oracle import FAMILIES, GATES, make_inputs, naive_for, outputs_and_grads, rel_err, upcast  # noqa: E402
 
 import lsp  # noqa: E402
 from lsp import kernels  # noqa: E402
-
+from lsp.testing import (  # noqa: E402
+    FAMILIES,
+    GATES,
+    call,
+    make_inputs,
+    naive_for,
+    op_args,
+    outputs_and_grads,
+    rel_err,
+    upcast,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -54,15 +62,13 @@ def check(family, args, tol, *, with_final=True, **kw):
         errs = {"o": rel_err(o, o_ref), "S": rel_err(S, S_ref)}
     else:
         # no final state: the op returns None for it and the loss sees only the outputs
-        pos = [args[n] for n in ("q", "k", "v", "beta") if n in args]
-        o, S = fn(*pos, args.get("g"), initial_state=args.get("initial_state"), **kw)
+        o, S = call(fn, args, **kw)
         assert S is None
         gen = torch.Generator().manual_seed(5)
         do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
         grads = dict(zip(args, torch.autograd.grad((o * do.to(o.dtype)).sum(), list(args.values()))))
         ref = upcast(args)
-        pos = [ref[n] for n in ("q", "k", "v", "beta") if n in ref]
-        o_ref, _ = naive_for(family)(*pos, ref.get("g"), initial_state=ref.get("initial_state"))
+        o_ref, _ = call(naive_for(family), ref)
         grads_ref = dict(zip(ref, torch.autograd.grad((o_ref * do).sum(), list(ref.values()))))
         errs = {"o": rel_err(o, o_ref)}
     assert o.dtype == args["v"].dtype and o.shape == o_ref.shape
@@ -129,25 +135,16 @@ def test_single_token_and_wide_values(family):
     check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
-def _extreme(value):
-    def gate_fn(shape, gen):
-        g = torch.full(shape, value, dtype=torch.float64)
-        # ordinary gates on every other token: both regimes in one sequence
-        g[:, ::2] = F.logsigmoid(torch.randn(g[:, ::2].shape, generator=gen, dtype=torch.float64))
-        return g
-    return gate_fn
-
-
 @pytest.mark.parametrize("value", [0.0, -1000.0], ids=["no_decay", "g=-1000"])
 @pytest.mark.parametrize("gate", ["scalar", "vector"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extreme_gates(family, gate, value):
-    """Gates of 0 and of -1000: finite, and close to the oracle. With g=-1000 the cumulative
-    gate reaches -3e4 inside a chunk, where float32 keeps differences of neighbouring tokens to
-    only ~1e-3 absolute (the torch path keeps it in float64; the kernels, like fla, in float32),
+    """Gates of 0 and of -1000 (every other token): finite, and close to the oracle. With
+    g=-1000 the cumulative gate reaches -3e4 inside a chunk, where float32 keeps differences of
+    neighbouring tokens to only ~1e-3 absolute (the torch path keeps it in float64; the kernels, like fla, in float32),
     hence the looser bound there."""
     args = make_inputs(family, gate, B=1, T=40, H=1, K=16, V=16, dtype=torch.float32, seed=9,
-                       gate_fn=_extreme(value))
+                       gate_value=value)
     check(family, args, 2e-5 if value == 0 else 1e-3, chunk_size=32, num_segments=1)
 
 
@@ -189,7 +186,7 @@ def test_state_augmentation_for_sequence_parallelism():
 
 def test_public_ops_route_cpu_tensors_to_torch_and_refuse_triton():
     args = make_inputs("delta_rule", "scalar", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
-    pos = [args[n].detach() for n in ("q", "k", "v", "beta", "g")]
+    pos = [t.detach() for t in op_args(args)]
     o_auto, _ = lsp.ops.delta_rule(*pos)  # auto: CPU tensors take the torch path
     o_torch, _ = lsp.ops.delta_rule(*pos, backend="torch")
     assert torch.equal(o_auto, o_torch)
@@ -228,7 +225,7 @@ def test_sweep_slow(family, gate, chunk, dtype):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extreme_gates_slow(family, gate, value):
     args = make_inputs(family, gate, B=1, T=70, H=2, K=16, V=16, dtype=torch.float32, seed=3,
-                       gate_fn=_extreme(value))
+                       gate_value=value)
     check(family, args, 2e-5 if value == 0 else 1e-3, num_segments=2)
 
 
@@ -251,7 +248,7 @@ def test_grad_kernel_launch_warps(monkeypatch):
     monkeypatch.setattr(kchunk, "launch", spy)
     for K in (32, 64):
         args = make_inputs("delta_rule", "scalar", 1, 20, 1, K, 16, dtype=torch.float32)
-        o, _ = kernels.delta_rule(args["q"], args["k"], args["v"], args["beta"], args["g"])
+        o, _ = kernels.delta_rule(*op_args(args))
         o.sum().backward()
     assert seen["grad_kernel"] == {(32, 4), (64, 4)}
     for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike

@@ -9,6 +9,7 @@ import torch
 
 import lsp
 from lsp import kernels
+from lsp.testing import op_args
 
 B, T, H, K, V = 2, 5, 3, 4, 6
 
@@ -31,9 +32,8 @@ def run(family="delta_rule", **changes):
     kw = {n: changes.pop(n) for n in list(changes) if n in
           ("scale", "initial_state", "output_final_state", "backend")}
     a.update(changes)
-    if family == "delta_rule":
-        return lsp.ops.delta_rule(a["q"], a["k"], a["v"], a["beta"], a["g"], **kw)
-    return lsp.ops.linear_attention(a["q"], a["k"], a["v"], a["g"], **kw)
+    op = lsp.ops.delta_rule if family == "delta_rule" else lsp.ops.linear_attention
+    return op(*op_args(a), **kw)
 
 
 CASES = [

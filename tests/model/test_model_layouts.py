@@ -13,27 +13,28 @@ from __future__ import annotations
 
 import pytest
 
-import model_harness as H
+from lsp.testing import equivalence as E
+from lsp.testing import run_ranks
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("reference") / "ref.pt"
-    assert H.run_ranks(H.reference_rank, 1, str(path)) == [sorted(H.CASES)]
+    assert run_ranks(E.reference_rank, 1, str(path)) == [sorted(E.CASES)]
     return str(path)
 
 
-@pytest.mark.parametrize("layout", list(H.LAYOUTS))
+@pytest.mark.parametrize("layout", list(E.LAYOUTS))
 def test_layout_equals_one_process(layout, reference):
-    world, tp, cp, ep = H.LAYOUTS[layout]
-    rows = [row for rank_rows in H.run_ranks(H.layout_rank, world, tp, cp, ep, reference)
+    world, tp, cp, ep = E.LAYOUTS[layout]
+    rows = [row for rank_rows in run_ranks(E.layout_rank, world, tp, cp, ep, reference)
             for row in rank_rows]
     methods = {m for _, m, _, _ in rows}
-    assert methods == (set(H.METHODS) if cp > 1 else {"allscan"})
-    assert {c for c, _, _, _ in rows} == set(H.CASES)
+    assert methods == (set(E.METHODS) if cp > 1 else {"allscan"})
+    assert {c for c, _, _, _ in rows} == set(E.CASES)
     params = [r for r in rows if r[2].startswith("param:")]
     assert params and all(err == 0.0 for *_, err in params), \
         [r for r in params if r[3] != 0.0][:5]
     checked = [r for r in rows if not r[2].startswith("param:")]
-    bad = [r for r in checked if not r[3] <= H.TOL]
-    assert not bad, f"{len(bad)} of {len(checked)} checks above {H.TOL}: {bad[:8]}"
+    bad = [r for r in checked if not r[3] <= E.TOL]
+    assert not bad, f"{len(bad)} of {len(checked)} checks above {E.TOL}: {bad[:8]}"

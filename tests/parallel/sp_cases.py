@@ -1,4 +1,4 @@
-"""Work done on each simulated rank by tests/test_sequence_parallel.py (imported by spawned ranks).
+"""Work done on each simulated rank by test_sequence_parallel.py (imported by spawned ranks).
 
 Every rank draws the same full-sequence inputs, runs the single-process op on the whole sequence
 in float64 as the reference, runs ``sequence_parallel`` on its own contiguous shard, and reports
@@ -11,10 +11,10 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from oracle import FAMILIES, GATES, make_inputs, rel_err
 
 import lsp
 from lsp.parallel import METHODS, sequence_parallel
+from lsp.testing import FAMILIES, GATES, make_inputs, op_args, rel_err
 
 OPS = {"linear_attention": lsp.ops.linear_attention, "delta_rule": lsp.ops.delta_rule}
 DTYPES = {"f64": torch.float64, "f32": torch.float32}
@@ -30,11 +30,6 @@ def configs():
 
 def config_id(c) -> str:
     return f"{c['family']}-{c['gate']}-{c['method']}-{'init' if c['with_state'] else 'zero'}-{c['dtype']}"
-
-
-def _op_args(family, a):
-    pos = [a["q"], a["k"], a["v"]] + ([a["beta"]] if family == "delta_rule" else [])
-    return pos + [a.get("g")]
 
 
 def shard_errors(rank: int, P: int, c: dict, group=None, T_local: int | None = None,
@@ -53,7 +48,7 @@ def shard_errors(rank: int, P: int, c: dict, group=None, T_local: int | None = N
     w = torch.arange(1, P + 1, dtype=torch.float64)
     w = w / w.sum()
 
-    o_ref, S_ref = op(*_op_args(family, full), initial_state=full.get("initial_state"),
+    o_ref, S_ref = op(*op_args(full), initial_state=full.get("initial_state"),
                       output_final_state=True, backend="torch")
     loss = (o_ref * do).sum() + (S_ref * dS).sum()
     names = list(full)
@@ -65,7 +60,7 @@ def shard_errors(rank: int, P: int, c: dict, group=None, T_local: int | None = N
     init = full.get("initial_state")
     if init is not None:
         init = init.detach().to(dtype).requires_grad_()
-    o, S = sequence_parallel(op, *_op_args(family, shard), group=group, method=c["method"],
+    o, S = sequence_parallel(op, *op_args(shard), group=group, method=c["method"],
                              num_blocks=num_blocks, initial_state=init,
                              output_final_state=True, backend="torch", seq_len=P * Tl)
     assert o.dtype == dtype and o.shape == (B, Tl, H, V)

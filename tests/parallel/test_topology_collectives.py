@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import model_harness as H
 from lsp.layers import ParallelContext, ShortConvolution, init_parameters
 from lsp.parallel.topology import init_topology
+from lsp.testing import run_ranks
 
 B, T, C, W = 2, 12, 6, 4
 
@@ -44,7 +44,7 @@ def test_short_conv_with_halo_equals_the_whole_sequence(world):
     ref = F.silu(F.conv1d(F.pad(x.detach().transpose(1, 2), (W - 1, 0)), conv.weight.detach(),
                           groups=C)).transpose(1, 2)
     assert torch.allclose(y, ref, rtol=0, atol=1e-12)
-    out = H.run_ranks(_halo_rank, world)
+    out = run_ranks(_halo_rank, world)
     assert torch.allclose(torch.cat([o[0] for o in out], 1), y.detach(), rtol=0, atol=1e-12)
     assert torch.allclose(torch.cat([o[1] for o in out], 1), x.grad, rtol=0, atol=1e-12)
     assert torch.allclose(out[0][2], conv.weight.grad, rtol=0, atol=1e-12)
@@ -61,7 +61,7 @@ def _short_shard_rank(rank, world):
 
 
 def test_halo_wider_than_the_shard_raises_on_every_rank():
-    msgs = H.run_ranks(_short_shard_rank, 2)
+    msgs = run_ranks(_short_shard_rank, 2)
     assert all("the local shard has 4 tokens but the convolution needs 7" in m for m in msgs)
 
 
@@ -77,7 +77,7 @@ def _gather_rank(rank, world):
 
 
 def test_sequence_all_gather_orders_ranks_and_reduces_gradients_on_subgroups():
-    out = H.run_ranks(_gather_rank, 4)
+    out = run_ranks(_gather_rank, 4)
     for rank, (members, y, grad) in enumerate(out):
         assert members == ([0, 2] if rank % 2 == 0 else [1, 3])
         expect = torch.cat([torch.full((2, 3, 4), float(m + 1), dtype=torch.float64)

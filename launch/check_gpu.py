@@ -1,16 +1,16 @@
 """GPU check of the layers and the hybrid decoder under a parallel layout (NCCL).
 
-The CPU test suite runs the same comparison on gloo (``tests/test_model_layouts.py``); this runs
-it on GPUs, with megatron's CUDA paths (no CPU shim) and the op backend of your choice:
+The CPU test suite runs the same comparison on gloo (``tests/model/test_model_layouts.py``); this
+runs it on GPUs, with megatron's CUDA paths (no CPU shim) and the op backend of your choice:
 
     # 1. the one-process reference, on one GPU
-    torchrun --nproc-per-node 1 -m lsp.model.check_gpu --reference /tmp/ref.pt
+    torchrun --nproc-per-node 1 -m lsp.launch.check_gpu --reference /tmp/ref.pt
     # 2. each layout against it (world size = tp * cp * dp; ep divides it)
-    torchrun --nproc-per-node 2 -m lsp.model.check_gpu --compare /tmp/ref.pt --tp 2
-    torchrun --nproc-per-node 2 -m lsp.model.check_gpu --compare /tmp/ref.pt --cp 2 --ep 2
-    torchrun --nproc-per-node 4 -m lsp.model.check_gpu --compare /tmp/ref.pt --tp 2 --cp 2
+    torchrun --nproc-per-node 2 -m lsp.launch.check_gpu --compare /tmp/ref.pt --tp 2
+    torchrun --nproc-per-node 2 -m lsp.launch.check_gpu --compare /tmp/ref.pt --cp 2 --ep 2
+    torchrun --nproc-per-node 4 -m lsp.launch.check_gpu --compare /tmp/ref.pt --tp 2 --cp 2
 
-Every case of ``lsp.model.equivalence.CASES`` (each mixer kind, a hybrid with MoE) runs in
+Every case of ``lsp.testing.equivalence.CASES`` (each mixer kind, a hybrid with MoE) runs in
 float32 with TF32 off, for every SP method when CP > 1. Rank 0 prints the worst relative error
 per case and method; the exit status is 1 when a loss or gradient is above ``--tol`` or an
 initial weight differs from the reference shard. Use the same ``--backend`` for both steps to
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=None, help="default: 1e-5 (torch), 1e-3 otherwise")
     args = ap.parse_args(argv)
 
-    from lsp.model import equivalence as E
     from lsp.parallel.topology import check_layout, init_topology
+    from lsp.testing import equivalence as E
 
     cases = args.cases.split(",") if args.cases else list(E.CASES)
     unknown = sorted(set(cases) - set(E.CASES))
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         raise SystemExit("--reference runs in one process: torchrun --nproc-per-node 1")
     check_layout(world, args.tp, args.cp, args.ep)  # before any collective
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: the CPU path is checked by pytest tests/test_model_layouts.py")
+        raise SystemExit("no CUDA device: the CPU path is checked by "
+                         "pytest tests/model/test_model_layouts.py")
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -63,19 +64,14 @@ def main(argv=None) -> int:
     try:
         if args.reference:
             topo = init_topology()
-            ref = {c: E.snapshot(*E.train_step(c, topo, backend=args.backend, device=device))
-                   for c in cases}
+            ref = E.reference(topo, cases, args.backend, device)
             torch.save(ref, args.reference)
             print(f"reference of {len(ref)} cases written to {args.reference}")
             return 0
         topo = init_topology(args.tp, args.cp, args.ep)
         ref = torch.load(args.compare)
         tol = args.tol if args.tol is not None else (E.TOL if args.backend == "torch" else 1e-3)
-        rows = []
-        for case in cases:
-            for method in (E.METHODS if args.cp > 1 else ("allscan",)):
-                model, total = E.train_step(case, topo, method, args.backend, device)
-                rows += E.compare(case, method, model, total, ref[case], topo)
+        rows = E.layout_rows(topo, ref, cases, args.backend, device)
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if dist.get_rank() != 0:

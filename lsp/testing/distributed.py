@@ -10,9 +10,10 @@ short grace period for the others to report); a rank that does not finish within
 seconds (a hang) fails it too; stragglers are killed, so a broken collective cannot wedge the
 suite.
 
-``start="spawn"`` (default) starts clean interpreters; ``start="fork"`` reuses the parent's
-imports (torch, megatron), so a rank starts in milliseconds: the layer and model tests use it
-through ``model_harness.run_ranks``.
+``start="fork"`` (default) reuses the parent's imports (torch, megatron), so a rank starts in
+milliseconds; ``start="spawn"`` starts clean interpreters (``fn`` and its module must then be
+importable by name, which they are from a test module: the child gets the parent's
+``sys.path``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _entry(fn, rank, P, store_path, args, results, collective_timeout):
 
 
 def run_ranks(fn, P: int, *args, timeout: float = 300.0, collective_timeout: float = 120.0,
-              start: str = "spawn"):
+              start: str = "fork"):
     """``[fn(0, P, *args), ..., fn(P-1, P, *args)]`` computed on P gloo ranks."""
     import torch
 

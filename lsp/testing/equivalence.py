@@ -1,24 +1,35 @@
 """Layout equivalence: tiny models of every mixer kind run under a parallel layout and compared,
 loss and every gradient shard, with the one-process run.
 
-Used by ``tests/test_model_layouts.py`` (gloo, CPU) and by ``python -m lsp.model.check_gpu``
-(NCCL, GPUs). The flow on every rank: :func:`train_step` builds a case's model under the
-topology, runs forward and backward on this rank's shard of a fixed batch and reduces the
-gradients; :func:`snapshot` keeps the one-process results; :func:`compare` returns one row per
-check.
+Used by ``tests/model/test_model_layouts.py`` (gloo, CPU, through :func:`reference_rank` and
+:func:`layout_rank`) and by ``python -m lsp.launch.check_gpu`` (NCCL, GPUs). The flow on every
+rank: :func:`train_step` builds a case's model under the topology, runs forward and backward on
+this rank's shard of a fixed batch and reduces the gradients; :func:`reference` keeps the
+one-process results of every case; :func:`layout_rows` runs every case (every SP method when
+CP > 1) and :func:`compare` returns one row per check.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TOL", "SEED", "METHODS", "BASE", "CASES", "LAYOUTS", "batch", "rel_err",
-           "train_step", "snapshot", "compare", "global_name"]
+# at import, not in the functions: ranks forked by lsp.testing.run_ranks inherit them instead of
+# each importing megatron-core
+from lsp.layers import ParallelContext
+from lsp.layers.init import shard_of
+from lsp.model import DecoderLM, ModelConfig, split_batch
+from lsp.parallel import METHODS
+from lsp.parallel.grads import reduce_gradients
+from lsp.parallel.topology import init_topology
+from lsp.testing.ops import rel_err
+
+__all__ = ["TOL", "SEED", "METHODS", "BASE", "CASES", "LAYOUTS", "batch", "train_step",
+           "snapshot", "reference", "compare", "layout_rows", "global_name", "reference_rank",
+           "layout_rank"]
 
 TOL = 1e-5
 SEED = 7
 BATCH, SEQ = 2, 24  # SEQ divisible by 2, 3 and 2*2 (TP2xCP2 gives 6 tokens per rank)
-METHODS = ("allgather", "allscan", "ring")
 
 BASE = dict(vocab_size=64, hidden_size=32, num_heads=4, head_dim=8, ffn_hidden_size=64,
             init_std=0.1, conv_size=4)
@@ -57,20 +68,9 @@ def batch(device=None):
     return ids.to(device), labels.to(device)
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||x - ref|| / ||ref||`` in float64 (``||x - ref||`` when ``ref`` is zero)."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
-
-
 def train_step(case: str, topo, method: str = "allscan", backend: str = "torch", device=None):
     """Build the case's model under ``topo``, run forward and backward on this rank's shard of
     the fixed batch, reduce gradients; returns ``(model, total global loss)``."""
-    from lsp.layers import ParallelContext
-    from lsp.model import DecoderLM, ModelConfig, split_batch
-    from lsp.parallel.grads import reduce_gradients
-
     cfg = ModelConfig(**BASE, **CASES[case])
     ctx = ParallelContext(topo, sp_method=method, backend=backend)
     model = DecoderLM(cfg, ctx, seed=SEED).to(device)
@@ -102,8 +102,6 @@ def snapshot(model, total) -> dict:
 def compare(case: str, method: str, model, total, ref: dict, topo) -> list[tuple]:
     """Rows ``(case, method, what, rel_err)`` for the loss, every initial weight shard
     (``param:<name>``, must be bit-identical) and every gradient shard (``grad:<name>``)."""
-    from lsp.layers.init import shard_of
-
     tp, tp_rank = topo.tp, topo.tp_rank
     rows = [(case, method, "loss", rel_err(total, ref["loss"]))]
     seen = set()
@@ -117,3 +115,33 @@ def compare(case: str, method: str, model, total, ref: dict, topo) -> list[tuple
     if topo.ep == 1 and seen != set(ref["params"]):  # under EP a rank holds its experts only
         raise AssertionError(f"parameters differ from the reference: {sorted(seen ^ set(ref['params']))}")
     return rows
+
+
+def reference(topo, cases=CASES, backend: str = "torch", device=None) -> dict:
+    """The one-process results of ``cases`` (run under a world of size 1), by case."""
+    return {case: snapshot(*train_step(case, topo, backend=backend, device=device))
+            for case in cases}
+
+
+def layout_rows(topo, ref: dict, cases=CASES, backend: str = "torch", device=None) -> list:
+    """:func:`compare`'s rows of every case in ``cases`` under ``topo``, for every SP method when
+    CP > 1 (at CP = 1 no exchange runs and the method is unused)."""
+    rows = []
+    for case in cases:
+        for method in (METHODS if topo.cp > 1 else ("allscan",)):
+            model, total = train_step(case, topo, method, backend, device)
+            rows += compare(case, method, model, total, ref[case], topo)
+    return rows
+
+
+def reference_rank(rank, world, path):
+    """The gloo entry of the one-process run (``run_ranks(reference_rank, 1, path)``): saves
+    :func:`reference` to ``path``; returns the case names."""
+    torch.save(reference(init_topology()), path)
+    return sorted(CASES)
+
+
+def layout_rank(rank, world, tp, cp, ep, path):
+    """The gloo entry of one layout (``run_ranks(layout_rank, world, tp, cp, ep, path)``): this
+    rank's :func:`layout_rows` against the reference saved at ``path``."""
+    return layout_rows(init_topology(tp, cp, ep), torch.load(path))

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import model_harness as H
 from lsp.parallel import megatron_shim
 from lsp.parallel.topology import check_layout, init_topology
+from lsp.testing import equivalence as E
+from lsp.testing import rel_err, run_ranks
 
 
 def test_check_layout_sizes_and_errors():
@@ -42,14 +43,14 @@ def _groups(rank, world, tp, cp, ep):
 
 def test_topology_groups_on_four_gloo_ranks():
     # TP adjacent, then CP, then DP (megatron order tp-cp-ep-dp-pp); experts: EP x EDP, ETP = 1
-    g = H.run_ranks(_groups, 4, 2, 2, 1)
+    g = run_ranks(_groups, 4, 2, 2, 1)
     assert [x["tp"] for x in g] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [x["cp"] for x in g] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert all(x["dp"] == [r] for r, x in enumerate(g))
     assert all(x["tp_cp"] == [0, 1, 2, 3] and x["sp"] for x in g)
     assert [x["ranks"][:2] for x in g] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     assert all(x["expt_dp"] == [0, 1, 2, 3] and x["ep"] == [r] for r, x in enumerate(g))
-    g = H.run_ranks(_groups, 4, 1, 2, 2)
+    g = run_ranks(_groups, 4, 1, 2, 2)
     assert [x["cp"] for x in g] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [x["dp"] for x in g] == [[0, 2], [1, 3], [0, 2], [1, 3]]
     assert [x["dp_cp"] for x in g] == [[0, 1, 2, 3]] * 4
@@ -112,23 +113,23 @@ def _ddp_vs_reduce_gradients(rank, world, tp, cp, ep):
     from lsp.model import DecoderLM, ModelConfig, split_batch
 
     topo = init_topology(tp, cp, ep)
-    model, _ = H.train_step("hybrid", topo)
-    cfg = ModelConfig(**H.BASE, **H.CASES["hybrid"])
+    model, _ = E.train_step("hybrid", topo)
+    cfg = ModelConfig(**E.BASE, **E.CASES["hybrid"])
     ctx = ParallelContext(topo, backend="torch")
-    inner = DecoderLM(cfg, ctx, seed=H.SEED)
+    inner = DecoderLM(cfg, ctx, seed=E.SEED)
     tcfg = transformer_config(ctx, cfg.hidden_size, cfg.ffn_hidden_size, num_experts=cfg.num_experts)
     ddp = DistributedDataParallel(tcfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True),
                                   inner, pg_collection=topo.pg_collection)
-    ids, labels = H.batch()
+    ids, labels = E.batch()
     ddp(split_batch(ids, ctx), split_batch(labels, ctx)).loss.backward()
     finalize_model_grads([ddp], pg_collection=topo.pg_collection)
     scale = topo.dp * topo.cp
-    return max(H.rel_err(p2.main_grad * scale, p1.grad)
+    return max(rel_err(p2.main_grad * scale, p1.grad)
                for p1, p2 in zip(model.parameters(), inner.parameters()))
 
 
 @pytest.mark.parametrize("layout", ["TP2xCP2", "CP2xEP2"])
 def test_megatron_ddp_runs_on_gloo_and_matches(layout):
-    world, tp, cp, ep = H.LAYOUTS[layout]
-    errors = H.run_ranks(_ddp_vs_reduce_gradients, world, tp, cp, ep)
+    world, tp, cp, ep = E.LAYOUTS[layout]
+    errors = run_ranks(_ddp_vs_reduce_gradients, world, tp, cp, ep)
     assert max(errors) <= 1e-6, errors

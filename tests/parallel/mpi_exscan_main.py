@@ -14,12 +14,12 @@ import sys
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
-from oracle import FAMILIES, GATES, make_inputs, rel_err
 
 import lsp
 from lsp.parallel import METHODS, pairs, sequence_parallel
 from lsp.parallel.exchange import make_exchange
 from lsp.parallel.mpi_check import mpi_exscan_states
+from lsp.testing import FAMILIES, GATES, make_inputs, op_args, rel_err
 
 comm = MPI.COMM_WORLD
 rank, P = comm.Get_rank(), comm.Get_size()
@@ -43,8 +43,7 @@ for family in FAMILIES:
         sh = {n: t.detach()[:, sl] for n, t in full.items() if n != "initial_state"}
         init = full["initial_state"].detach()
         op = OPS[family]
-        args = [sh["q"], sh["k"], sh["v"]] + ([sh["beta"]] if family == "delta_rule" else [])
-        local = pairs.local_pass(op.spec, op.spec.bind(*args, sh.get("g"), backend="torch"))
+        local = pairs.local_pass(op.spec, op.spec.bind(*op_args(sh), backend="torch"))
         A, Bst = local.pair()
         o0, qe = local.outputs()
         S_start_mpi, S_final_mpi = mpi_exscan_states(local.kind, A, Bst, init)
@@ -53,7 +52,7 @@ for family in FAMILIES:
             ex = make_exchange(method, local.kind, None, True, 2, Bst.numel() * 8, V)
             S_start, S_final = ex.forward(A, Bst.contiguous(), init)
             errs += [rel_err(S_start, S_start_mpi), rel_err(S_final, S_final_mpi)]
-            o, S = sequence_parallel(op, *args, sh.get("g"), method=method, initial_state=init,
+            o, S = sequence_parallel(op, *op_args(sh), method=method, initial_state=init,
                                      output_final_state=True, backend="torch")
             o_mpi = o0 + torch.einsum("bthk,bhkv->bthv", qe, S_start_mpi)
             errs += [rel_err(o, o_mpi), rel_err(S, S_final_mpi)]

@@ -11,19 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_runs import CKPT, FAST, LAYOUT_ARGS, losses
 
 from lsp.launch.train import compose, main
-
-FAST = ["data.max_bytes=1000000", "train.log_interval=1", "train.resume=auto"]
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows]
-
-
-def rel(a, b):
-    return abs(a - b) / abs(b)
+from lsp.testing import rel_err
 
 
 def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
@@ -44,9 +35,6 @@ def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
     assert "cp: 2" in (run / "config.yaml").read_text()
 
 
-LAYOUT_ARGS = FAST + ["train.steps=5", "train.seq_len=64", "train.micro_batch=2"]
-
-
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
@@ -54,12 +42,8 @@ def one_process_losses(tmp_path_factory):
     return losses(run)
 
 
-# cp2+ckpt: the 1M-context experiment's memory options (activation checkpointing with attention
-# outputs kept, MoM one memory at a time) under CP, where rank 1's attention is lower-right masked
-CKPT = ["parallel.activation_checkpointing=true", "model.mom_memory_checkpointing=true",
-        "model.conv_checkpointing=true"]
-
-
+# cp2+ckpt: the 1M-context experiment's memory options (train_runs.CKPT) under CP, where rank 1's
+# attention is lower-right masked
 @pytest.mark.parametrize("layout", ["cp2", "tp2", "cp2+ckpt", "cp2+balance+ckpt",
                                     "cp2+overlap+ckpt"])
 def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
@@ -72,7 +56,7 @@ def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
     got = losses(tmp_path)
     assert len(got) == 5
     for a, b in zip(got, one_process_losses):
-        assert rel(a, b) <= 1e-5, (got, one_process_losses)
+        assert rel_err(a, b) <= 1e-5, (got, one_process_losses)
 
 
 RESUME_ARGS = FAST + ["train.steps=20", "train.seq_len=64", "train.micro_batch=2",
@@ -90,10 +74,10 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
     main(["parallel=cp2", f"run_dir={part}"] + RESUME_ARGS)
     a, b = losses(full), losses(part)
     assert len(b) == 20
-    assert all(rel(x, y) <= 1e-6 for x, y in zip(b, a)), (a, b)
+    assert all(rel_err(x, y) <= 1e-6 for x, y in zip(b, a)), (a, b)
     main(["parallel=tp2", f"run_dir={tmp_path / 'part_tp2'}"] + RESUME_ARGS)
     c = losses(tmp_path / "part_tp2")
-    assert len(c) == 20 and all(rel(x, y) <= 1e-4 for x, y in zip(c, a)), (a, c)
+    assert len(c) == 20 and all(rel_err(x, y) <= 1e-4 for x, y in zip(c, a)), (a, c)
     # keep_last=2: after saves at 10 and 20 both remain, nothing else
     names = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert names == ["latest", "step_00000010", "step_00000020"]

@@ -20,12 +20,13 @@ full          ``[B, H, K, K]``    the delta rules (DeltaNet, Gated DeltaNet, KDA
 For the linear-attention family everything has a closed form: ``A = exp(sum g)``,
 ``qe = scale * q * exp(cumsum g)`` and ``B = (k * exp(G_end - G_t))^T v``, one GEMM per head,
 so the pair is ready long before the local outputs and the exchange can run while they are
-computed. For the delta rules ``A`` is a product of ``T`` full ``[K, K]`` factors; it and ``qe``
-come from the chunkwise (WY) pass itself: the op is linear in ``(v, S_start)`` jointly and value
-columns evolve independently, so one call with values ``[v | 0_K]`` and initial state
-``[0 | I_K]`` returns ``[o0 | qe]`` as its output and ``[B | A]`` as its final state. This needs
-nothing from the op but its public contract, so it works for every backend (the torch path's
-WY form and the Triton kernels alike) at the cost of ``V + K`` instead of ``V`` value columns.
+computed. For the delta rules ``A`` is a product of ``T`` full ``[K, K]`` factors; ``B`` and
+``o0`` come from one call of the op at value width ``V`` (any backend), and ``A`` and ``qe`` from
+the chunk transition algebra, which needs only ``q, k, beta, g``: per chunk the transition
+``A_c = diag(Γ_C) - k̄^T W`` and corrected queries ``Q̃_c = Q ⊙ Γ - M W`` from the WY factors, and
+a parallel scan of the ``A_c`` (batched matmuls, no second ``[K, V]`` state pass). The op exports
+that computation as ``op.sp_transition(q, k, beta, g, scale=...) -> (A, qe)``
+(``lsp.ops.delta_net.fixup``).
 
 Pairs are kept in float32 (float64 for float64 inputs), whatever the input dtype.
 """
@@ -148,24 +149,26 @@ def linear_attention_local(op, q, k, v, g, *, scale: float, state_dtype: torch.d
 
 def delta_rule_local(op, q, k, v, beta, g, *, scale: float, state_dtype: torch.dtype,
                      op_kwargs: dict) -> LocalPass:
-    """Pair and effective queries of the delta rules from one chunkwise pass.
+    """Pair and effective queries of the delta rules: one op call at width ``V`` plus the fix-up.
 
-    Runs ``op`` once with values ``[v | 0_K]`` and initial state ``[0 | I_K]``: the output's last
-    ``K`` columns are ``qe`` (scale included), the final state's are ``A`` ``[B, H, K, K]``.
+    ``op(..., output_final_state=True)`` from a zero start gives ``o0`` and ``B``;
+    ``op.sp_transition`` gives ``A`` ``[B, H, K, K]`` and ``qe`` (scale included) in float32
+    (float64 for float64 inputs) from ``q, k, beta, g`` alone.
     """
-    B_, T, H, K = q.shape
-    V = v.shape[-1]
+    transition = getattr(op, "sp_transition", None)
+    if transition is None:
+        raise ValueError(
+            f"sequence_parallel: op={getattr(op, '__name__', op)!r} has no sp_transition (the "
+            "delta-rule chunk transition algebra); pass lsp.ops.delta_rule"
+        )
     cache: dict = {}
 
     def run():
         if not cache:
-            v_aug = torch.cat([v, v.new_zeros(B_, T, H, K)], dim=-1)
-            eye = torch.eye(K, dtype=state_dtype, device=q.device).expand(B_, H, K, K)
-            s0 = torch.cat([eye.new_zeros(B_, H, K, V), eye], dim=-1)
-            o_aug, s_aug = op(q, k, v_aug, beta, g, scale=scale, initial_state=s0,
-                              output_final_state=True, **op_kwargs)
-            cache.update(o0=o_aug[..., :V], qe=o_aug[..., V:], B=s_aug[..., :V],
-                         A=s_aug[..., V:])
+            o0, B = op(q, k, v, beta, g, scale=scale, output_final_state=True, **op_kwargs)
+            A, qe = transition(q, k, beta, g, scale=scale)
+            cache.update(o0=o0, qe=qe.to(state_dtype), B=B.to(state_dtype),
+                         A=A.to(state_dtype))
         return cache
 
     def pair():

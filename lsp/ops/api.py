@@ -7,6 +7,7 @@ from torch import Tensor
 
 from lsp.ops.common.validate import check_inputs
 from lsp.ops.delta_net.chunk import chunk_delta_rule
+from lsp.ops.delta_net.fixup import delta_rule_transition
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
 
 
@@ -116,7 +117,9 @@ def delta_rule(
 
 
 # What lsp.parallel.sequence_parallel reads off an op (parallel/ does not import lsp.ops): the
-# family, and the op's own argument checks, which return the resolved scale.
+# family, the op's own argument checks (which return the resolved scale), and for the delta rule
+# the transition and effective queries of a shard (the chunk transition algebra, torch ops on any
+# device: the shard's op call then runs at value width V on the chosen backend).
 linear_attention.sp_family = "linear_attention"
 linear_attention.sp_validate = (
     lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
@@ -127,3 +130,4 @@ delta_rule.sp_validate = (
     lambda q, k, v, beta, g, scale, initial_state, output_final_state, backend: check_inputs(
         "delta_rule", q, k, v, beta, g, scale, initial_state, output_final_state, backend,
         needs_beta=True))
+delta_rule.sp_transition = delta_rule_transition

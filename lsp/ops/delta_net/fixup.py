@@ -127,6 +127,7 @@ def delta_rule_transition(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     block_chunks: int | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(P_N, qe)`` of a delta-rule stretch: ``S_end = P_N S_start + B`` and ``o = o0 + qe S_start``.
 
@@ -138,6 +139,9 @@ def delta_rule_transition(
         block_chunks: chunks per scan block ``nb`` (default ``isqrt(N)`` for ``N`` chunks: about
             ``sqrt(N)`` sequential steps in phase 1 and ``log2(sqrt(N))`` in phase 2).
         group_bytes: working memory of one group of chunks (see above).
+        recompute: checkpoint each group under autograd (saved memory ``O(T K)``); ``False``
+            keeps every group's intermediates instead (about ``K^2 + 10 C K`` floats per chunk
+            and head) and skips the recomputation in the backward.
 
     Returns:
         ``P_N`` ``[B, H, K, K]`` and ``qe`` ``[B, T, H, K]``, float32 (float64 for float64 inputs).
@@ -169,7 +173,7 @@ def delta_rule_transition(
 
     qc, kc, bc = chunks(q) * scale, chunks(k), chunks(beta)
     gc = None if g is None else chunks(g)
-    use_ckpt = torch.is_grad_enabled() and any(
+    use_ckpt = recompute and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, beta, g))
     eye = torch.eye(K, dtype=ct, device=q.device)
 

@@ -94,8 +94,7 @@ CASES = [
                          ids=[f"{k}-{r}-T{t}-C{c}-{gr}-{str(d)[6:]}" for k, r, t, c, gr, d in CASES])
 def test_transition_matches_oracle(kind, regime, T, C, grouping, dtype):
     a = _inputs(kind, regime, T, dtype)
-    # tiny groups also take the other way to the WY factor (the GPU's matmul inverse)
-    kw = {"block_chunks": 2, "group_bytes": 1, "inverse": "matmul"} if grouping == "tiny" else {}
+    kw = {"block_chunks": 2, "group_bytes": 1} if grouping == "tiny" else {}
     P, qe = delta_rule_transition(a["q"], a["k"], a["beta"], a.get("g"), scale=SCALE,
                                   chunk_size=C, **kw)
     ct = torch.float64 if dtype == torch.float64 else torch.float32
@@ -142,23 +141,11 @@ def test_long_stretch_many_levels():
 
 
 @pytest.mark.parametrize("name,value", [("chunk_size", 0), ("chunk_size", 8.0),
-                                        ("block_chunks", 0), ("group_bytes", -1),
-                                        ("inverse", "lu")])
+                                        ("block_chunks", 0), ("group_bytes", -1)])
 def test_bad_sizes_raise(name, value):
     a = _inputs("none", "normal", 5, torch.float64)
     with pytest.raises(ValueError, match=name):
         delta_rule_transition(a["q"], a["k"], a["beta"], None, scale=SCALE, **{name: value})
-
-
-@pytest.mark.parametrize("C", [16, 37, 64])
-def test_matmul_inverse_matches_solve(C):
-    """Both ways to the WY factor agree (C = 37: uneven halves), on the float64 oracle's inputs."""
-    a = _inputs("vector", "normal", 150, torch.float64, seed=5)
-    x, P_ref, qe_ref = _oracle(a)
-    for inverse in ("solve", "matmul"):
-        P, qe = delta_rule_transition(a["q"], a["k"], a["beta"], a["g"], scale=SCALE,
-                                      chunk_size=C, inverse=inverse)
-        assert rel_err(P, P_ref) <= 1e-9 and rel_err(qe, qe_ref) <= 1e-9, inverse
 
 
 def test_op_exports_the_transition_and_parallel_requires_it():
@@ -179,7 +166,7 @@ def test_without_recompute_matches_oracle(kind):
     """``recompute=False`` (no checkpointing) gives the same values and gradients."""
     a = _inputs(kind, "normal", 45, torch.float64, seed=4)
     P, qe = delta_rule_transition(a["q"], a["k"], a["beta"], a.get("g"), scale=SCALE,
-                                  chunk_size=8, group_bytes=1, recompute=False, inverse="matmul")
+                                  chunk_size=8, group_bytes=1, recompute=False)
     x, P_ref, qe_ref = _oracle(a)
     dP, dqe = _cotangents(45)
     names = list(a)

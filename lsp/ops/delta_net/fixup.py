@@ -61,52 +61,24 @@ def _pad_chunks(x: Tensor, n_chunks: int, chunk_size: int) -> Tensor:
     return x.reshape((B, n_chunks, chunk_size) + tuple(x.shape[2:])).movedim(3, 1)
 
 
-def _unit_lower_inverse(N: Tensor) -> Tensor:
-    """``(I + N)^{-1}`` for strictly lower-triangular ``N [..., C, C]``, by matmuls.
-
-    Halves recursively (both halves in one batch): ``[[A, 0], [R, D]]^{-1} = [[A^{-1}, 0],
-    [-D^{-1} R A^{-1}, D^{-1}]]``, with forward substitution on blocks of at most 16 rows. Written
-    by hand because a batched triangular solve (cuBLAS trsm) is far slower on GPUs than these
-    batched matmuls, in the backward too.
-    """
-    C = N.shape[-1]
-    if C <= 16:
-        eye = torch.eye(C, dtype=N.dtype, device=N.device)
-        rows = [eye[0].expand(N.shape[:-2] + (C,))]
-        for i in range(1, C):
-            prev = torch.stack(rows, dim=-2)  # [..., i, C]
-            rows.append(eye[i] - (N[..., i:i + 1, :i] @ prev).squeeze(-2))
-        return torch.stack(rows, dim=-2)
-    h = C // 2
-    if C == 2 * h:
-        Ainv, Dinv = _unit_lower_inverse(torch.stack([N[..., :h, :h], N[..., h:, h:]])).unbind(0)
-    else:
-        Ainv, Dinv = _unit_lower_inverse(N[..., :h, :h]), _unit_lower_inverse(N[..., h:, h:])
-    low = -(Dinv @ N[..., h:, :h] @ Ainv)
-    top = torch.cat([Ainv, N.new_zeros(N.shape[:-2] + (h, C - h))], dim=-1)
-    return torch.cat([top, torch.cat([low, Dinv], dim=-1)], dim=-2)
-
-
-def _chunk_terms(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, inverse: str):
+def _chunk_terms(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None):
     """WY factor ``W``, keys to the chunk end ``k̄``, chunk decay ``Γ_C`` and ``Q̃`` of chunks.
 
     Inputs ``[B, H, n, C, K]`` (``bc`` ``[B, H, n, C]``, ``gc`` as ``ChunkGates`` takes it);
     ``Γ_C`` is ``None``, ``[B, H, n, 1, 1]`` or ``[B, H, n, K, 1]`` (scales ``[K, K]`` row-wise).
     """
     gates = ChunkGates(gc)
+    C = kc.shape[-2]
+    eye_c = torch.eye(C, dtype=kc.dtype, device=kc.device)
     bcol = bc.unsqueeze(-1)
-    N = bcol * gates.pairwise(kc, kc, strict=True)
-    rhs = bcol * gates.decay_from_start(kc)
-    if inverse == "matmul":
-        W = _unit_lower_inverse(N) @ rhs
-    else:  # the solver reads only the strict lower part of (I + N)
-        W = torch.linalg.solve_triangular(N, rhs, upper=False, unitriangular=True)
+    IL = eye_c + bcol * gates.pairwise(kc, kc, strict=True)
+    W = torch.linalg.solve_triangular(IL, bcol * gates.decay_from_start(kc), upper=False,
+                                      unitriangular=True)
     Qt = gates.decay_from_start(qc) - gates.pairwise(qc, kc, strict=False) @ W
     return W, gates.decay_to_end(kc), gates.chunk_decay(), Qt
 
 
-def _group_scan(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, L: Tensor,
-                inverse: str):
+def _group_scan(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, L: Tensor):
     """Phase 1 over ``s`` consecutive chunks of ``m`` blocks at once, from block prefixes ``L``.
 
     Chunk inputs ``[B, H, m, s, C, ...]``, ``L [B, H, m, K, K]``. Each step is the low-rank form
@@ -116,7 +88,7 @@ def _group_scan(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, L: Tensor
     """
     Bsz, H, m, s, C = kc.shape[:5]
     flat = lambda x: None if x is None else x.flatten(2, 3)  # noqa: E731
-    W, kbar, gC, Qt = _chunk_terms(flat(qc), flat(kc), flat(bc), flat(gc), inverse)
+    W, kbar, gC, Qt = _chunk_terms(flat(qc), flat(kc), flat(bc), flat(gc))
     unflat = lambda x: None if x is None else x.unflatten(2, (m, s))  # noqa: E731
     WQ = torch.cat([W, Qt], dim=-2).unflatten(2, (m, s))  # [B, H, m, s, 2C, K]
     kbarT = unflat(kbar).transpose(-1, -2)  # [B, H, m, s, K, C]
@@ -156,7 +128,6 @@ def delta_rule_transition(
     block_chunks: int | None = None,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     recompute: bool = True,
-    inverse: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``(P_N, qe)`` of a delta-rule stretch: ``S_end = P_N S_start + B`` and ``o = o0 + qe S_start``.
 
@@ -182,11 +153,6 @@ def delta_rule_transition(
                                      or not isinstance(block_chunks, int) or block_chunks < 1):
         raise ValueError(f"delta_rule_transition: block_chunks={block_chunks!r}; pass an int >= 1 "
                          "or None (about sqrt(T / chunk_size))")
-    if inverse not in ("auto", "solve", "matmul"):
-        raise ValueError(f"delta_rule_transition: inverse={inverse!r}; choose 'auto', 'solve' "
-                         "or 'matmul'")
-    if inverse == "auto":
-        inverse = "matmul" if q.is_cuda else "solve"
     ct = compute_dtype(q.dtype)
     Bsz, T, H, K = q.shape
     C = chunk_size
@@ -218,7 +184,7 @@ def delta_rule_transition(
         Zs = []
         for j0 in range(0, nb, steps_per_group):
             js = slice(j0, min(nb, j0 + steps_per_group))
-            args = [None if x is None else x[:, :, bs, js] for x in (qc, kc, bc, gc)] + [L, inverse]
+            args = [None if x is None else x[:, :, bs, js] for x in (qc, kc, bc, gc)] + [L]
             Z, L = (checkpoint(_group_scan, *args, use_reentrant=False) if use_ckpt
                     else _group_scan(*args))
             Zs.append(Z)

@@ -90,15 +90,16 @@ def _group_scan(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, L: Tensor
     flat = lambda x: None if x is None else x.flatten(2, 3)  # noqa: E731
     W, kbar, gC, Qt = _chunk_terms(flat(qc), flat(kc), flat(bc), flat(gc))
     unflat = lambda x: None if x is None else x.unflatten(2, (m, s))  # noqa: E731
-    WQ = torch.cat([W, Qt], dim=-2).unflatten(2, (m, s))  # [B, H, m, s, 2C, K]
-    kbarT = unflat(kbar).transpose(-1, -2)  # [B, H, m, s, K, C]
-    gC = unflat(gC)
+    # unbind, not indexing: the backward of s index selects would zero-fill s full-size
+    # gradients; unbind's is one stack
+    WQ = torch.cat([W, Qt], dim=-2).unflatten(2, (m, s)).unbind(3)  # s x [B, H, m, 2C, K]
+    kbarT = unflat(kbar).transpose(-1, -2).unbind(3)  # s x [B, H, m, K, C]
+    gC = [None] * s if gC is None else unflat(gC).unbind(3)
     Z = []
-    for j in range(s):
-        YZ = WQ[:, :, :, j] @ L
-        Z.append(YZ[..., C:, :])
-        decayed = L if gC is None else gC[:, :, :, j] * L
-        L = decayed - kbarT[:, :, :, j] @ YZ[..., :C, :]
+    for WQ_j, kbarT_j, gC_j in zip(WQ, kbarT, gC):
+        Y, Zj = (WQ_j @ L).split(C, dim=-2)
+        Z.append(Zj)
+        L = (L if gC_j is None else gC_j * L) - kbarT_j @ Y
     return torch.stack(Z, dim=3), L
 
 
@@ -177,16 +178,20 @@ def delta_rule_transition(
         t is not None and t.requires_grad for t in (q, k, beta, g))
     eye = torch.eye(K, dtype=ct, device=q.device)
 
+    def tiles(x: Tensor | None) -> list:
+        # one split per axis: its backward is one concatenation, where per-group indexing
+        # would zero-fill a full-size gradient for every group
+        if x is None:
+            return [[None] * -(-nb // steps_per_group)] * -(-n_blocks // blocks_per_group)
+        return [xb.split(steps_per_group, dim=3) for xb in x.split(blocks_per_group, dim=2)]
+
     Z_rows, totals = [], []
-    for b0 in range(0, n_blocks, blocks_per_group):
-        bs = slice(b0, min(n_blocks, b0 + blocks_per_group))
-        L = eye.expand(Bsz, H, bs.stop - bs.start, K, K)
+    for row in zip(*(tiles(x) for x in (qc, kc, bc, gc))):
+        L = eye.expand(Bsz, H, row[0][0].shape[2], K, K)
         Zs = []
-        for j0 in range(0, nb, steps_per_group):
-            js = slice(j0, min(nb, j0 + steps_per_group))
-            args = [None if x is None else x[:, :, bs, js] for x in (qc, kc, bc, gc)] + [L]
-            Z, L = (checkpoint(_group_scan, *args, use_reentrant=False) if use_ckpt
-                    else _group_scan(*args))
+        for tile in zip(*row):
+            Z, L = (checkpoint(_group_scan, *tile, L, use_reentrant=False) if use_ckpt
+                    else _group_scan(*tile, L))
             Zs.append(Z)
         Z_rows.append(torch.cat(Zs, dim=3))
         totals.append(L)

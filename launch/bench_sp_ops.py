@@ -120,7 +120,7 @@ def main(argv=None):
     a = make_inputs(args, rank, device)
     leaves = [a[n] for n in ("q", "k", "v", "beta", "g") if n in a]
     pos = [a["q"], a["k"], a["v"], a["beta"], a.get("g")]
-    W = dict(warmup=args.warmup, iters=args.iters, device=device)
+    W = {"warmup": args.warmup, "iters": args.iters, "device": device}
     rows = []
 
     def clear():
@@ -201,7 +201,7 @@ def main(argv=None):
         def wide():
             clear()
             v_aug.grad = None
-            o, S = op(a["q"], a["k"], v_aug, a["beta"], a.get("g"), initial_state=s0,
+            o, _ = op(a["q"], a["k"], v_aug, a["beta"], a.get("g"), initial_state=s0,
                       output_final_state=True, backend=args.backend)
             o.backward(do_aug)
         add("op fwd+bwd at width V+K from [0 | I] (the old pair)", timed(wide, **W))

@@ -86,7 +86,7 @@ def _group_scan(qc: Tensor, kc: Tensor, bc: Tensor, gc: Tensor | None, L: Tensor
     ``Z_c = Q̃_c L`` comes from the same matmul as ``Y``. Returns ``Z [B, H, m, s, C, K]`` and the
     advanced ``L``.
     """
-    Bsz, H, m, s, C = kc.shape[:5]
+    m, s, C = kc.shape[2:5]
     flat = lambda x: None if x is None else x.flatten(2, 3)  # noqa: E731
     W, kbar, gC, Qt = _chunk_terms(flat(qc), flat(kc), flat(bc), flat(gc))
     unflat = lambda x: None if x is None else x.unflatten(2, (m, s))  # noqa: E731

@@ -8,6 +8,7 @@ from lsp.layers.common import FEATURE_MAPS
 from lsp.layers.conv import CONV_BACKENDS
 from lsp.layers.context import SP_METHODS
 from lsp.layers.linear_attention import DECAYS, QK_NORMS
+from lsp.parallel.cp_attention import BACKENDS as ATTENTION_BACKENDS
 
 __all__ = ["ModelConfig", "MIXER_LETTERS", "FFN_LETTERS", "check_config"]
 
@@ -61,6 +62,7 @@ class ModelConfig:
     # SoftmaxAttention ('S')
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0
+    attention_backend: str = "auto"  # auto | cudnn | flash | math (cp_attention.resolve_backend)
     # feed-forward
     ffn_hidden_size: int = 512
     num_experts: int = 0
@@ -138,6 +140,10 @@ def check_config(cfg: ModelConfig, tp: int = 1, cp: int = 1, ep: int = 1,
         raise ValueError(f"la_feature_map={cfg.la_feature_map!r}: use one of {FEATURE_MAPS}")
     if cfg.la_qk_norm not in QK_NORMS:
         raise ValueError(f"la_qk_norm={cfg.la_qk_norm!r}: use one of {QK_NORMS}")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend={cfg.attention_backend!r}: use one of "
+                         f"{ATTENTION_BACKENDS} (auto: cuDNN where torch has it, else flash; "
+                         f"math on the CPU)")
     if cfg.conv_backend not in CONV_BACKENDS:
         raise ValueError(f"conv_backend={cfg.conv_backend!r}: use one of {CONV_BACKENDS}")
 

@@ -67,7 +67,8 @@ def build_mixer(letter: str, cfg: ModelConfig, ctx: ParallelContext) -> nn.Modul
                    shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
                    memory_checkpointing=cfg.mom_memory_checkpointing,
                    **recurrent)
-    return cls(D, H, d, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, **common)
+    return cls(D, H, d, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
+               attention_backend=cfg.attention_backend, **common)
 
 
 class Block(nn.Module):

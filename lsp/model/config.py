@@ -71,6 +71,7 @@ class ModelConfig:
     moe_shared_expert_size: int | None = None
     moe_aux_loss_coeff: float = 0.01
     moe_grouped_gemm: bool = False
+    moe_capacity_factor: float | None = None  # None: dropless; else drop-and-pad, no host sync
     # residual stream: float32 under bf16 autocast (default), or in the autocast dtype as in
     # Megatron-LM without --fp32-residual-connection (halves the activations that checkpointing
     # keeps: 2 bytes per token and hidden unit per block)

@@ -91,7 +91,8 @@ class Block(nn.Module):
                               cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, ctx,
                               shared_expert_size=cfg.moe_shared_expert_size,
                               aux_loss_coeff=cfg.moe_aux_loss_coeff,
-                              grouped_gemm=cfg.moe_grouped_gemm, **common)
+                              grouped_gemm=cfg.moe_grouped_gemm,
+                              capacity_factor=cfg.moe_capacity_factor, **common)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         with torch.profiler.record_function(self.label):

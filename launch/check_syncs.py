@@ -14,6 +14,10 @@ configurations:
   (``lsp.layers.ffn``'s module doc): syncs are allowed only in megatron's MoE dispatch code
   (:data:`ALLOWED`); any other site fails the check.
 
+torch's sync debug mode sees stream and device synchronisation and the copies that wait for
+them (``.item()``, ``nonzero``, ``masked_select``, device-to-host copies); it does not see a
+wait on a CUDA event, which is how megatron's dropless dispatcher waits for its counts.
+
 Prints every sync site and writes JSON; exits non-zero on an unexpected sync.
 """
 
@@ -67,7 +71,7 @@ def _record(model, ids, labels) -> list[dict]:
     found = []
 
     def hook(message, category, filename, lineno, file=None, line=None):
-        if "synchroniz" in str(message):
+        if "called a synchronizing CUDA operation" in str(message):
             stack = traceback.extract_stack()[:-1]
             found.append(dict(site=_site(stack), message=str(message).splitlines()[0],
                               stack=[f"{f.filename}:{f.lineno} {f.name}" for f in stack[-12:]]))

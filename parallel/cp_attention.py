@@ -224,6 +224,12 @@ class BlockAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def _token_major_zeros(t: Tensor) -> Tensor:
+    """Zeros of ``t``'s ``[B, H, T, d]`` shape laid out as ``[B, T, H, d]`` in memory."""
+    B, H, T, d = t.shape
+    return torch.zeros(B, T, H, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+
+
 def _merge(parts: list[tuple[Tensor, Tensor]], out: Tensor, lse: Tensor) -> None:
     """Write the merge of partials ``(out, lse)`` of the same rows over disjoint key sets into
     ``out`` and ``lse`` (weights ``exp(lse_i - lse)`` in the accumulation dtype)."""
@@ -338,11 +344,10 @@ class _BalancedAttention(torch.autograd.Function):
             do = do.contiguous()
         backend = ctx.backend
         # gradients accumulate in the inputs' dtype: a key block gets at most three partials,
-        # each already rounded to that dtype by the flash backward (float32 buffers would be 4 GB
-        # more per tensor at 1M keys)
-        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        dK = torch.zeros(K.shape, dtype=K.dtype, device=K.device)
-        dV = torch.zeros(V.shape, dtype=V.dtype, device=V.device)
+        # each already rounded to that dtype by the kernel's backward (float32 buffers would be
+        # 4 GB more per tensor at 1M keys); token-major like the inputs, so that the caller's
+        # transposes and the all-gather's reduce-scatter take them without a copy
+        dq, dK, dV = (_token_major_zeros(t) for t in (q, K, V))
 
         def own_blocks():
             for rows, keys, causal, st in ctx.blocks:

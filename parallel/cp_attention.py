@@ -169,10 +169,11 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool,
         r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
         # r: out, lse [B, H, Tq], cum_seq_q, cum_seq_k, max_q, max_k, rng_state, unused, debug
         return r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7])
-    s = _math_scores(q, k, causal)
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(s.dtype)).to(q.dtype)
-    return out, lse, ()
+    if _cpu_kernel(q, k, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal)
+        return out, lse, ()
+    return _math_forward(q, k, v, causal)
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -191,7 +192,33 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         # the log-sum-exp is indexed as a dense [B, H, Tq] array
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do, q, k, v, out, lse.contiguous(), cq, ck, mq, mk, 0.0, causal, seed, offset)
-    # softmax backward with the merged statistics: P = exp(S - lse), dS = P (dP - rowsum(dO O))
+    if _cpu_kernel(q, k, causal):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
+            lse.contiguous(), 0.0, causal)
+    return _math_backward(do, q, k, v, out, lse, causal)
+
+
+def _cpu_kernel(q: Tensor, k: Tensor, causal: bool) -> bool:
+    """The math backend on the CPU runs torch's CPU attention kernel (the one
+    ``F.scaled_dot_product_attention`` runs there; selective checkpointing can keep its outputs)
+    for full and square causal blocks; the explicit formula below serves lower-right causal
+    blocks and GPUs."""
+    return not q.is_cuda and (not causal or q.shape[2] == k.shape[2])
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor, tuple]:
+    """The explicit softmax of masked scores, in the accumulation dtype."""
+    s = _math_scores(q, k, causal)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(s.dtype)).to(q.dtype)
+    return out, lse, ()
+
+
+def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax backward with the merged statistics: ``P = exp(S - lse)``,
+    ``dS = P (dP - rowsum(dO O))``."""
     s = _math_scores(q, k, causal)
     acc = s.dtype
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))

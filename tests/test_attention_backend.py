@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lsp.parallel.cp_attention import (
     BACKENDS,
     BlockAttention,
+    _math_backward,
+    _math_forward,
     attention_backward,
     attention_forward,
     resolve_backend,
@@ -86,12 +88,18 @@ def _reference(q, k, v, do, causal):
 @pytest.mark.parametrize("Tq,Sk,causal", [(12, 12, True), (6, 18, True), (6, 18, False)],
                          ids=["square-causal", "lower-right-causal", "full"])
 def test_math_block_equals_an_explicit_float64_softmax(Tq, Sk, causal):
+    # the math backend as dispatched (torch's CPU kernel where it applies) and its explicit
+    # formula (lower-right blocks, GPUs) both equal autograd through a float64 softmax
     q, k, v, do = _qkv(Tq, Sk)
     ref = _reference(q, k, v, do, causal)
     out, lse, st = attention_forward(q, k, v, causal, "math")
     grads = attention_backward(do, q, k, v, out, lse, causal, st, "math")
     for name, got, want in zip(["o", "lse", "dq", "dk", "dv"], (out, lse) + grads, ref):
         assert torch.allclose(got, want, rtol=0, atol=1e-12), name
+    out, lse, _ = _math_forward(q, k, v, causal)
+    grads = _math_backward(do, q, k, v, out, lse, causal)
+    for name, got, want in zip(["o", "lse", "dq", "dk", "dv"], (out, lse) + grads, ref):
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), f"formula {name}"
 
 
 def test_math_equals_the_sdpa_path_it_replaces():
@@ -113,16 +121,17 @@ def test_math_equals_the_sdpa_path_it_replaces():
 def test_math_merged_backward_equals_the_cpu_flash_kernels(causal):
     # the balanced CP path on the CPU ran torch's CPU flash kernels with the merged output and
     # log-sum-exp; the math backend gives the same forward, log-sum-exp and merged backward
+    # (the explicit formula, which the math backend runs on a GPU)
     q, k, v, do = _qkv(10, 10)
     aten = torch.ops.aten
     o_ref, lse_ref = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[:2]
-    out, lse, st = attention_forward(q, k, v, causal, "math")
+    out, lse, _ = _math_forward(q, k, v, causal)
     assert torch.allclose(out, o_ref, rtol=0, atol=1e-12)
     assert torch.allclose(lse, lse_ref, rtol=0, atol=1e-12)
     # a merged output and log-sum-exp from another key set (as the partner's rows get)
     o_m, lse_m = out * 0.7 + 0.1, lse + 0.3
     want = aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o_m, lse_m,
                                                                      0.0, causal)
-    got = attention_backward(do, q, k, v, o_m, lse_m, causal, st, "math")
+    got = _math_backward(do, q, k, v, o_m, lse_m, causal)
     for name, g, w in zip(["dq", "dk", "dv"], got, want):
         assert torch.allclose(g, w, rtol=0, atol=1e-12), name

@@ -207,6 +207,7 @@ def sequence_parallel(
     num_blocks: int | None = None,
     seq_len: int | None = None,
     check: bool = True,
+    equal_lengths: bool = True,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """Run ``op`` over a sequence split across the ranks of ``group``.
@@ -226,6 +227,10 @@ def sequence_parallel(
             disagree (see Safety above). It costs one small collective (and, on NCCL, a host
             sync); a training loop with static shapes may pass ``check=False`` after its first
             step, on every rank alike.
+        equal_lengths: ``False`` lets the ranks hold different numbers of tokens (the exchange
+            moves only states, whose shape does not depend on the length; e.g. a memory of
+            routed Mixture-of-Memories runs over the tokens routed to it on each rank); the
+            check then compares everything but the length. ``seq_len`` needs equal lengths.
         **kwargs: the op's keywords: ``scale``, ``initial_state`` (the state before the whole
             global sequence, the same on every rank), ``output_final_state``, ``backend``.
 
@@ -270,7 +275,11 @@ def sequence_parallel(
         )
     kind = pairs.transition_kind(family, g)
     n_blk = num_blocks if method == "allscan" else 1
-    meta = [_MAGIC, _FAMILY_CODE[family], _KIND_CODE[kind], METHODS.index(method), T, B_, H, K,
+    if not equal_lengths and seq_len is not None:
+        raise ValueError("sequence_parallel: seq_len=... assumes equal shards; pass "
+                         "equal_lengths=True or no seq_len")
+    meta = [_MAGIC, _FAMILY_CODE[family], _KIND_CODE[kind], METHODS.index(method),
+            T if equal_lengths else -1, B_, H, K,
             V, _DTYPE_CODE.get(q.dtype, 0), int(initial_state is not None), int(need_final),
             0 if n_blk is None else n_blk, round(scale * 1e6)]
     if check:

@@ -168,12 +168,13 @@ def local_heads(num_heads: int, tp: int, what: str = "num_heads") -> int:
     return num_heads // tp
 
 
-def sequence_op(op, *args, ctx: ParallelContext, **kwargs) -> Tensor:
+def sequence_op(op, *args, ctx: ParallelContext, equal_lengths: bool = True, **kwargs) -> Tensor:
     """Run ``op`` (``lsp.ops.linear_attention`` or ``lsp.ops.delta_rule``) on this rank's shard.
 
     With CP = 1 this is the op itself; with CP > 1 it is ``lsp.parallel.sequence_parallel`` over
     the CP group with the context's exchange method. Positional ``args`` are the op's tensors
-    (``q, k, v[, beta][, g]``), ``kwargs`` its keywords. Returns the local output only.
+    (``q, k, v[, beta][, g]``), ``kwargs`` its keywords; ``equal_lengths=False``: the ranks may
+    hold different numbers of tokens (``sequence_parallel``'s keyword). Returns the local output.
     """
     kwargs.setdefault("backend", ctx.backend)
     # Under CUDA autocast the L2 norm of q and k runs in float32 (autocast's fp32 list) while v
@@ -186,7 +187,8 @@ def sequence_op(op, *args, ctx: ParallelContext, **kwargs) -> Tensor:
     from lsp.parallel import sequence_parallel
 
     out, _ = sequence_parallel(op, *args, group=ctx.cp_group, method=ctx.sp_method,
-                               num_blocks=ctx.sp_num_blocks, check=ctx.sp_check, **kwargs)
+                               num_blocks=ctx.sp_num_blocks, check=ctx.sp_check,
+                               equal_lengths=equal_lengths, **kwargs)
     return out
 
 

@@ -57,6 +57,7 @@ class ModelConfig:
     mom_shared_memory: bool = True
     mom_aux_loss_coeff: float = 0.01
     mom_memory_checkpointing: bool = False  # one memory at a time, each checkpointed (long context)
+    mom_routed: bool = False  # each memory over its routed tokens only (one host sync per layer)
     conv_checkpointing: bool = False  # short convolutions keep only their input (long context)
     conv_backend: str = "torch"  # short convolutions: torch (conv1d) | triton (lsp.kernels.conv, [B,T,C] in place)
     # SoftmaxAttention ('S')

@@ -65,7 +65,7 @@ def build_mixer(letter: str, cfg: ModelConfig, ctx: ParallelContext) -> nn.Modul
     if letter == "M":
         return cls(D, H, d, num_memories=cfg.mom_num_memories, topk=cfg.mom_topk,
                    shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
-                   memory_checkpointing=cfg.mom_memory_checkpointing,
+                   memory_checkpointing=cfg.mom_memory_checkpointing, routed=cfg.mom_routed,
                    **recurrent)
     return cls(D, H, d, num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta,
                attention_backend=cfg.attention_backend, **common)

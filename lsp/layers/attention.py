@@ -4,8 +4,8 @@ Each CP rank holds a contiguous slice of the sequence (the same layout as the re
 layers). Its queries at global positions ``[r T, (r+1) T)`` attend to the keys at
 ``[0, (r+1) T)``: the layer all-gathers K and V over the CP group (autograd all-gather whose
 backward reduce-scatters), keeps that prefix and applies a lower-right-aligned causal mask, so
-no TransformerEngine is needed: the kernels are torch's cuDNN or flash attention ops, or a
-float32 math reference (``attention_backend``, :func:`lsp.parallel.cp_attention.resolve_backend`).
+no TransformerEngine is needed: the kernels are torch's cuDNN or flash attention ops, or the
+math reference (``attention_backend``, :func:`lsp.parallel.cp_attention.resolve_backend`).
 Rotary embeddings use global positions. Heads (and K/V heads, for grouped-query attention) are
 split over TP.
 """

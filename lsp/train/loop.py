@@ -108,8 +108,8 @@ class Trainer:
                                layout.world, self.device, par.cp)
         self.ctx = ParallelContext(
             topo, sp_method=par.sp_method, backend=par.op_backend,
-            cp_attention_balance=par.attention_load_balance,
-            cp_attention_overlap=par.attention_balance_overlap,
+            attention_load_balance=par.attention_load_balance,
+            attention_balance_overlap=par.attention_balance_overlap,
             exchange_timer=self.meter.exchange_timer,
             ablate_incoming_state=par.ablate_incoming_state)
         self.model = DecoderLM(run.model, self.ctx).to(self.device)

@@ -108,5 +108,5 @@ def test_rope_is_a_rotation_by_relative_position():
 def test_overlap_without_balance_is_refused():
     from lsp.layers.context import ParallelContext
 
-    with pytest.raises(ValueError, match="needs cp_attention_balance=True"):
-        ParallelContext(cp_attention_overlap=True)
+    with pytest.raises(ValueError, match="needs attention_load_balance=True"):
+        ParallelContext(attention_balance_overlap=True)

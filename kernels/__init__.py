@@ -97,8 +97,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     from .linear_attn import chunk_linear_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state, output_final_state,
-                                  chunk_size, num_segments)
+    return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state,
+                                  output_final_state, chunk_size, num_segments)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -108,8 +108,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     from .delta_net import chunk_delta_rule
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state, output_final_state,
-                            chunk_size, num_segments)
+    return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state,
+                            output_final_state, chunk_size, num_segments)
 
 
 __all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

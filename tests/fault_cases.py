@@ -1,4 +1,5 @@
-"""Rank functions for tests/test_faults.py (importable by ranks spawned with torch.multiprocessing)."""
+"""Rank functions for tests/test_faults.py (importable by ranks that torch.multiprocessing
+spawns)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,19 @@ from typing import Optional
 DEFAULT_CHUNK_SIZE = 64
 CHUNK_SIZES = (16, 32, 64)
 
+# A log-gate of -inf is a full forget (a hard reset). The kernels work on float32 chunk-local
+# cumulative gates and their differences, where -inf - -inf is NaN, so the gate is clamped from
+# below here, before the kernels, at a floor whose exponential underflows to exactly 0 in float32
+# (below about -103.3), also with further decay added (g <= 0 keeps every difference across the
+# floor below it). The floor is as high as that allows: the cumulative gate after a full forget
+# carries it, and float32 keeps differences of later tokens to ~1e-5 of it. Autograd's clamp
+# gives g the gradient 0 there, the oracle's (d/dg exp(g) x = 0 at g = -inf).
+FULL_FORGET_LOG_GATE = -110.0
+
+
+def _clamp_full_forget(g):
+    return None if g is None else g.clamp(min=FULL_FORGET_LOG_GATE)
+
 
 def unavailable_reason() -> Optional[str]:
     """Why ``backend="triton"`` cannot run here, or None when it can."""
@@ -84,8 +97,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     from .linear_attn import chunk_linear_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state,
-                                  chunk_size, num_segments)
+    return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state,
+                                  output_final_state, chunk_size, num_segments)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -95,8 +108,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     from .delta_net import chunk_delta_rule
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state,
-                            chunk_size, num_segments)
+    return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state,
+                            output_final_state, chunk_size, num_segments)
 
 
 __all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

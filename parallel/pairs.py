@@ -105,8 +105,11 @@ def local_pass(spec: OpSpec, call: OpCall) -> LocalPass:
 
 
 def _cumulative_log_decay(g: Tensor) -> Tensor:
-    # float64 cumsum: over a long slice the float32 sum would lose the small late terms
-    return g.double().cumsum(dim=1)
+    # float64 cumsum: over a long slice the float32 sum would lose the small late terms;
+    # clamp_full_forget: a gate of -inf (full forget) gives exact zeros, not -inf - -inf = NaN
+    from lsp.ops.common.chunk import clamp_full_forget
+
+    return clamp_full_forget(g.double()).cumsum(dim=1)
 
 
 def linear_attention_local(spec: OpSpec, call: OpCall) -> LocalPass:

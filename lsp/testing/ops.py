@@ -43,6 +43,7 @@ def make_inputs(
     gate_value: float | None = None,
     device=None,
     gates_dtype: torch.dtype | None = None,
+    gate_fn=None,
 ) -> dict:
     """Random op arguments: float64 normal draws from a generator seeded with ``seed`` on
     ``device``, cast to ``dtype`` (``g``, ``beta`` and ``initial_state`` to ``gates_dtype`` when
@@ -51,7 +52,8 @@ def make_inputs(
     Keys are L2-normalised and beta lies in (0, 1), as in the models, so the delta rule is a
     contraction. Gates are ``logsigmoid`` of a normal draw (decays between ~0.05 and 1); with
     ``gate_value`` every odd token's gate is that value instead (0: no decay, -1000: the state is
-    wiped), so one sequence holds both regimes.
+    wiped), so one sequence holds both regimes; ``gate_fn(shape, generator)`` gives them all
+    instead (e.g. full forgets, ``-inf``, at chosen tokens).
     """
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)
 
@@ -67,7 +69,9 @@ def make_inputs(
         args["beta"] = torch.sigmoid(rnd(B, T, H))
     gshape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, K)}[gate]
     if gshape is not None:
-        if gate_value is None:
+        if gate_fn is not None:
+            args["g"] = gate_fn(gshape, gen)
+        elif gate_value is None:
             args["g"] = F.logsigmoid(rnd(*gshape))
         else:
             g = torch.full(gshape, gate_value, device=device, dtype=torch.float64)

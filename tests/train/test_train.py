@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,15 +118,32 @@ def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
     (["model.num_experts=3", "parallel.ep=2"], r"num_experts=3 is not divisible by the expert-parallel size ep=2"),
     (["train.seq_len=63"], r"sequence length 63 is not divisible by cp\*tp = 2\*1"),
     (["model.pattern=GXS", "model.ffn_pattern=FFF"], r"unknown mixer letter 'X'"),
-    (["parallel.cp=3", "parallel.nproc=2", "train.seq_len=384"], r"world size 2 is not divisible by tp\*cp = 1\*3"),
+    (["parallel.cp=3", "parallel.nproc=2", "train.seq_len=192"],
+     r"world size 2 is not divisible by tp\*cp = 1\*3"),
     (["data=megatron", "data.vocab_size=256"], r"data.kind=megatron needs data.path="),
     (["data.reset_state_at_document_boundaries=true"], r"needs document boundaries \(cu_seqlens\)"),
     (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),
+    # issue 19's list: each was a traceback, a hang or a late error after the ranks started
+    (["data=megatron"], r"data.kind=megatron needs data.path=<prefix of a .bin/.idx pair>"),
+    (["train.micro_batch=0"], r"train.micro_batch=0; it must be a number >= 1"),
+    (["train.steps=abc"], r"train.steps=abc: Value 'abc' of type 'str' could not be converted"),
+    (["train.steps=-5"], r"train.steps=-5; it must be a number >= 1"),
+    (["parallel.timeout_s=-1"], r"parallel.timeout_s=-1.0; use a number of seconds > 0"),
+    (["train.lr=-0.001"], r"train.lr=-0.001; the learning rate must be a finite number > 0"),
+    (["train.precision=fp8"], r"train.precision='fp8' is unknown; choose one of"),
+    (["data=megatron", "data.path={tmp}/corpus"], r"data.path: \S*corpus.bin does not exist"),
+    (["run_dir={tmp}/a_file/run"], r"run_dir=\S*a_file/run cannot be written \(Not a directory\)"),
 ])
 def test_config_errors_raise_before_any_process_starts(overrides, pattern, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")  # a run_dir below a file cannot be created
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides.append(f"run_dir={tmp_path}")
+    start = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
-        main(overrides + [f"run_dir={tmp_path}"])
+        main(overrides)
     assert exit_info.value.code == 2  # a user's mistake: one line, no traceback, as argparse
+    assert time.monotonic() - start < 15  # checked before any rank starts
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lsp-train: config error: "), err
     assert re.search(pattern, err[0]), err

@@ -67,14 +67,31 @@ def run_ranks(fn, P: int, *args, timeout: float = 300.0, collective_timeout: flo
         for p in procs:
             p.start()
         got: dict[int, tuple[str, object]] = {}
+        exited: dict[int, float] = {}
         deadline = time.monotonic() + timeout
         try:
             while len(got) < P:
                 try:
-                    rank, status, out = results.get(timeout=max(0.1, deadline - time.monotonic()))
+                    rank, status, out = results.get(timeout=min(1.0, max(0.1, deadline -
+                                                                         time.monotonic())))
                 except queue.Empty:
-                    if any(s == "error" for s, _ in got.values()):
+                    if any(s == "error" for s, _ in got.values()) and \
+                            time.monotonic() >= deadline:
                         break  # a rank failed; the rest are stuck in a collective
+                    now = time.monotonic()
+                    for r, p in enumerate(procs):  # exited: its result may still be in the pipe
+                        if r not in got and p.exitcode is not None:
+                            exited.setdefault(r, now)
+                    dead = [r for r, t in exited.items() if r not in got and now - t > 2.0]
+                    if dead:  # died without reporting (a signal, os._exit): fail now
+                        for r in dead:
+                            got[r] = ("error", f"rank {r} exited with code {procs[r].exitcode} "
+                                               "without a result (negative: killed by that "
+                                               "signal)")
+                        deadline = min(deadline, time.monotonic() + ERROR_GRACE_S)
+                        continue
+                    if time.monotonic() < deadline:
+                        continue
                     missing = sorted(set(range(P)) - set(got))
                     raise AssertionError(
                         f"ranks {missing} of {P} did not finish within {timeout}s (hang?)"

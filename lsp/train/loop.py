@@ -237,12 +237,26 @@ class Trainer:
         history = []
         stop_at = min(tr.steps, tr.stop_after_step or tr.steps)
         self.meter.restart()
-        for step in range(self.start_step, stop_at):
-            done = step + 1
-            with self._within_deadline(done):
-                self._iteration(step, done, history)
-        with self._within_deadline("end (summary and final barrier)"):
-            return self._finish(history)
+        try:
+            for step in range(self.start_step, stop_at):
+                done = step + 1
+                with self._within_deadline(done):
+                    self._iteration(step, done, history)
+            with self._within_deadline("end (summary and final barrier)"):
+                return self._finish(history)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the collaborators' threads and files and tear the topology down; runs however
+        the run ends (an error too), so a process that trains again starts clean."""
+        from lsp.parallel.topology import destroy_topology
+
+        self.logger.close()
+        for thread in (self.watchdog, self.deadline):
+            if thread is not None:
+                thread.close()
+        destroy_topology()
 
     def _iteration(self, step: int, done: int, history: list) -> None:
         tr = self.run.train
@@ -265,11 +279,6 @@ class Trainer:
             self.meter.restart()  # keep checkpoint time out of the step timing
 
     def _finish(self, history: list) -> dict | None:
-        from lsp.parallel.topology import destroy_topology
-
-        self.logger.close()
-        if self.watchdog is not None:
-            self.watchdog.close()
         summary = None
         if self.rank == 0:
             dev = self.device
@@ -282,12 +291,16 @@ class Trainer:
             path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
             os.replace(path.with_suffix(".tmp"), path)
         dist.barrier()
-        destroy_topology()
-        if self.deadline is not None:
-            self.deadline.close()
         return summary
 
 
 def train(run: RunConfig, layout: RunLayout | None = None) -> dict | None:
     """Run the configured training on this rank; rank 0 returns a summary dict."""
-    return Trainer(run, layout or run.resolve(dist.get_world_size())).fit()
+    from lsp.parallel.topology import destroy_topology
+
+    try:
+        trainer = Trainer(run, layout or run.resolve(dist.get_world_size()))
+    except BaseException:  # e.g. a checkpoint that does not fit: leave no topology behind
+        destroy_topology()
+        raise
+    return trainer.fit()

@@ -25,18 +25,10 @@ from typing import Optional
 DEFAULT_CHUNK_SIZE = 64
 CHUNK_SIZES = (16, 32, 64)
 
-# A log-gate of -inf is a full forget (a hard reset). The kernels work on float32 chunk-local
-# cumulative gates and their differences, where -inf - -inf is NaN, so the gate is clamped from
-# below here, before the kernels, at a floor whose exponential underflows to exactly 0 in float32
-# (below about -103.3), also with further decay added (g <= 0 keeps every difference across the
-# floor below it). The floor is as high as that allows: the cumulative gate after a full forget
-# carries it, and float32 keeps differences of later tokens to ~1e-5 of it. Autograd's clamp
-# gives g the gradient 0 there, the oracle's (d/dg exp(g) x = 0 at g = -inf).
-FULL_FORGET_LOG_GATE = -110.0
-
-
 def _clamp_full_forget(g):
-    return None if g is None else g.clamp(min=FULL_FORGET_LOG_GATE)
+    from .kinds import FULL_FORGET_FLOOR_F32, clamp_full_forget
+
+    return clamp_full_forget(g, FULL_FORGET_FLOOR_F32)
 
 
 def unavailable_reason() -> Optional[str]:

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lsp.kernels.kinds import clamp_full_forget
 from lsp.parallel.contract import Family, OpCall, OpSpec, Transition
 
 KINDS = tuple(t.value for t in Transition)
@@ -107,8 +108,6 @@ def local_pass(spec: OpSpec, call: OpCall) -> LocalPass:
 def _cumulative_log_decay(g: Tensor) -> Tensor:
     # float64 cumsum: over a long slice the float32 sum would lose the small late terms;
     # clamp_full_forget: a gate of -inf (full forget) gives exact zeros, not -inf - -inf = NaN
-    from lsp.ops.common.chunk import clamp_full_forget
-
     return clamp_full_forget(g.double()).cumsum(dim=1)
 
 

@@ -1,4 +1,4 @@
-"""Rank functions for tests/test_faults.py (importable by ranks that torch.multiprocessing
+"""Rank functions for tests/train/test_faults.py (importable by ranks that torch.multiprocessing
 spawns)."""
 
 from __future__ import annotations

@@ -38,22 +38,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsp.kernels.kinds import Gate
+from lsp.kernels.kinds import Gate, clamp_full_forget
 
 DEFAULT_CHUNK_SIZE = 64
-
-# A log-gate of -inf is a full forget (a hard reset of the state): exp(-inf) = 0. Cumulative
-# gates cannot carry it (G_t - G_j would be -inf - -inf = NaN), so the gate is clamped from below
-# at a finite floor whose exponential, plus any further decay (g <= 0), underflows to exactly 0
-# (float64 underflows below -745): the same numbers as -inf, now without NaN. Autograd's clamp
-# gives g the gradient 0 below the floor, which is the oracle's: d/dg (exp(g) x) = exp(g) x = 0
-# at g = -inf (and below 1e-300 for finite g under the floor).
-FULL_FORGET_LOG_GATE = -1024.0
-
-
-def clamp_full_forget(g: Tensor | None) -> Tensor | None:
-    """``g`` with ``-inf`` (and anything below ``FULL_FORGET_LOG_GATE``) raised to that floor."""
-    return None if g is None else g.clamp(min=FULL_FORGET_LOG_GATE)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,7 +164,7 @@ def chunk_recurrence(
     qc = to_chunks(q.to(ct) * scale, chunk_size)  # [B,H,N,C,K]
     kc = to_chunks(k.to(ct), chunk_size)
     vc = to_chunks(v.to(ct), chunk_size)  # [B,H,N,C,V]
-    # clamp_full_forget: g = -inf (a full forget) is exact, not NaN (see FULL_FORGET_LOG_GATE)
+    # clamp_full_forget: g = -inf (a full forget) is exact, not NaN (lsp.kernels.kinds)
     gates = ChunkGates(None if g is None else to_chunks(clamp_full_forget(g.to(ct)), chunk_size))
     N = qc.shape[2]
 

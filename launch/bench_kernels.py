@@ -58,11 +58,11 @@ from lsp.testing import (
 
 NAMES = {
     ("linear_attention", "none"): "linear attention",
-    ("linear_attention", "scalar"): "decayed LA (simple GLA)",
-    ("linear_attention", "vector"): "GLA",
+    ("linear_attention", "head"): "decayed LA (simple GLA)",
+    ("linear_attention", "key"): "GLA",
     ("delta_rule", "none"): "DeltaNet",
-    ("delta_rule", "scalar"): "Gated DeltaNet",
-    ("delta_rule", "vector"): "KDA-like",
+    ("delta_rule", "head"): "Gated DeltaNet",
+    ("delta_rule", "key"): "KDA-like",
 }
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -100,20 +100,20 @@ def correctness_cases():
                 cases.append(dict(family=family, gate=gate, dtype=dts, B=2, T=333, H=2, K=64,
                                   V=128, segs=3, oracle="naive"))
     for family in FAMILIES:
-        for gate in ("scalar", "vector"):
+        for gate in ("head", "key"):
             for gv in (0.0, -1000.0):
                 cases.append(dict(family=family, gate=gate, dtype="fp32", B=1, T=200, H=2, K=64,
                                   V=64, segs=2, oracle="naive", gate_value=gv))
-    wide = [("delta_rule", "scalar", "bf16", 128, 256), ("delta_rule", "vector", "bf16", 128, 256),
-            ("linear_attention", "vector", "bf16", 128, 256), ("delta_rule", "scalar", "bf16", 256, 64),
-            ("linear_attention", "scalar", "bf16", 256, 128), ("delta_rule", "none", "fp32", 32, 32),
-            ("delta_rule", "scalar", "fp32", 128, 128), ("linear_attention", "none", "bf16", 128, 128)]
+    wide = [("delta_rule", "head", "bf16", 128, 256), ("delta_rule", "key", "bf16", 128, 256),
+            ("linear_attention", "key", "bf16", 128, 256), ("delta_rule", "head", "bf16", 256, 64),
+            ("linear_attention", "head", "bf16", 256, 128), ("delta_rule", "none", "fp32", 32, 32),
+            ("delta_rule", "head", "fp32", 128, 128), ("linear_attention", "none", "bf16", 128, 128)]
     for family, gate, dts, K, V in wide:
         cases.append(dict(family=family, gate=gate, dtype=dts, B=1, T=1500, H=2, K=K, V=V,
                           segs=None, oracle="chunk64"))
-    cases.append(dict(family="delta_rule", gate="vector", dtype="bf16", B=1, T=1500, H=2, K=256,
+    cases.append(dict(family="delta_rule", gate="key", dtype="bf16", B=1, T=1500, H=2, K=256,
                       V=128, segs=None, oracle="chunk64"))
-    cases.append(dict(family="delta_rule", gate="scalar", dtype="bf16", B=1, T=8192, H=4, K=128,
+    cases.append(dict(family="delta_rule", gate="head", dtype="bf16", B=1, T=8192, H=4, K=128,
                       V=128, segs=None, oracle="chunk64"))
     # longest first: the fp32 kernels (ieee dots, no tensor cores) take ~60 s to compile at
     # K = 128 on the H100 host and the K = 256 (key-blocked WY backward) ones ~20 s, so they
@@ -276,16 +276,16 @@ def fla_fn(family, gate):
     if (family, gate) == ("linear_attention", "none"):
         from fla.ops.linear_attn import chunk_linear_attn
         return lambda a: chunk_linear_attn(a["q"], a["k"], a["v"], normalize=False)[0]
-    if (family, gate) == ("linear_attention", "scalar"):
+    if (family, gate) == ("linear_attention", "head"):
         from fla.ops.simple_gla import chunk_simple_gla
         return lambda a: chunk_simple_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
-    if (family, gate) == ("linear_attention", "vector"):
+    if (family, gate) == ("linear_attention", "key"):
         from fla.ops.gla import chunk_gla
         return lambda a: chunk_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
     if (family, gate) == ("delta_rule", "none"):
         from fla.ops.delta_rule import chunk_delta_rule
         return lambda a: chunk_delta_rule(a["q"], a["k"], a["v"], a["beta"])[0]
-    if (family, gate) == ("delta_rule", "scalar"):
+    if (family, gate) == ("delta_rule", "head"):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         return lambda a: chunk_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], a["beta"])[0]
     from fla.ops.kda import chunk_kda
@@ -532,7 +532,7 @@ def main():
     # D. segment sweep (Gated DeltaNet, T=64K)
     if "sweep" not in skip and time.time() < end - 40:
         log("\n== segment sweep: Gated DeltaNet fwd+bwd, B=1 H=16 K=V=128 T=65536 bf16 ==")
-        a = bench_inputs("delta_rule", "scalar", 65536)
+        a = bench_inputs("delta_rule", "head", 65536)
         sweep = {}
         for P in [int(x) for x in args.sweep.split(",")]:
             try:
@@ -551,11 +551,11 @@ def main():
     # E. per-kernel profile of one fwd+bwd (Gated DeltaNet, T=64K), lsp and fla
     if "profile" not in skip and time.time() < end - 35:
         from torch.profiler import ProfilerActivity, profile
-        a = bench_inputs("delta_rule", "scalar", 65536)
+        a = bench_inputs("delta_rule", "head", 65536)
         prof_out = {}
         who = [("lsp", ours_fn(kernels, "delta_rule"))]
         if "fla" not in skip:
-            who.append(("fla", fla_fn("delta_rule", "scalar")))
+            who.append(("fla", fla_fn("delta_rule", "head")))
         for name, fn in who:
             try:
                 run = fwd_bwd(fn, a)

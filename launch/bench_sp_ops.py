@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--K", type=int, default=128)
     p.add_argument("--V", type=int, default=128)
-    p.add_argument("--gate", choices=("none", "scalar", "vector"), default="scalar")
+    p.add_argument("--gate", choices=("none", "head", "key"), default="head")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--backend", default="auto", help="op backend: auto, torch or triton")
     p.add_argument("--methods", default="allscan,allgather")
@@ -71,7 +71,7 @@ def make_inputs(args, rank: int, device: torch.device) -> dict:
     a = {"q": rnd(B, T, H, K).to(dt), "k": F.normalize(rnd(B, T, H, K), dim=-1).to(dt),
          "v": rnd(B, T, H, V).to(dt), "beta": torch.sigmoid(rnd(B, T, H))}
     if args.gate != "none":
-        a["g"] = F.logsigmoid(rnd(*((B, T, H) if args.gate == "scalar" else (B, T, H, K))))
+        a["g"] = F.logsigmoid(rnd(*((B, T, H) if args.gate == "head" else (B, T, H, K))))
     a = {n: t.requires_grad_() for n, t in a.items()}
     a["do"] = rnd(B, T, H, V).to(dt)
     return a

@@ -35,7 +35,7 @@ def _is_float16ish(t):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="delta_rule")
-    ap.add_argument("--gate", default="vector")
+    ap.add_argument("--gate", default="key")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--T", type=int, default=333)
     ap.add_argument("--K", type=int, default=64)

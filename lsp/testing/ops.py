@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lsp.kernels.kinds import Gate
+
 from lsp.ops.delta_net.naive import naive_recurrent_delta_rule
 from lsp.ops.linear_attn.naive import naive_recurrent_linear_attention
 
 FAMILIES = ("linear_attention", "delta_rule")
-GATES = ("none", "scalar", "vector")
+GATES = tuple(g.label for g in Gate)  # "none", "head" ([B,T,H]), "key" ([B,T,H,K])
 
 
 def rel_err(x, ref) -> float:
@@ -67,7 +69,7 @@ def make_inputs(
     }
     if family == "delta_rule":
         args["beta"] = torch.sigmoid(rnd(B, T, H))
-    gshape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, K)}[gate]
+    gshape = {"none": None, "head": (B, T, H), "key": (B, T, H, K)}[gate]
     if gshape is not None:
         if gate_fn is not None:
             args["g"] = gate_fn(gshape, gen)

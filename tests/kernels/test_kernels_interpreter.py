@@ -90,7 +90,7 @@ def test_matches_oracle(family, gate):
 
 # (chunk size, segments): many chunks per sequence, split into 2, 3 or 5 segments, so the pair
 # pass, the scan (forward and reverse) and the per-segment passes all run
-SPLITS = {"none": (16, 3), "scalar": (16, 5), "vector": (32, 2)}
+SPLITS = {"none": (16, 3), "head": (16, 5), "key": (32, 2)}
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -104,7 +104,7 @@ def test_sequence_segments(family, gate):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_segments_do_not_change_the_result(family):
     """Same inputs, 1 vs 4 segments: equal to float32 rounding (the scan is exact algebra)."""
-    args = make_inputs(family, "scalar", B=1, T=64, H=1, K=16, V=16, dtype=torch.float32, seed=4)
+    args = make_inputs(family, "head", B=1, T=64, H=1, K=16, V=16, dtype=torch.float32, seed=4)
     fn = KERNEL_OPS[family]
     o1, S1, g1 = outputs_and_grads(fn, args, chunk_size=16, num_segments=1)
     o4, S4, g4 = outputs_and_grads(fn, args, chunk_size=16, num_segments=4)
@@ -112,7 +112,7 @@ def test_segments_do_not_change_the_result(family):
     assert all(rel_err(g4[n], g1[n]) < 1e-5 for n in g1)
 
 
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("gate", ["head", "key"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float16(family, gate):
     args = make_inputs(family, gate, B=1, T=45, H=2, K=16, V=32, dtype=torch.float16, seed=3)
@@ -121,7 +121,7 @@ def test_float16(family, gate):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_state_in_or_out(family):
-    args = make_inputs(family, "scalar", B=1, T=33, H=2, K=16, V=16, dtype=torch.float32,
+    args = make_inputs(family, "head", B=1, T=33, H=2, K=16, V=16, dtype=torch.float32,
                        with_state=False, seed=6)
     check(family, args, TOL[torch.float32], with_final=False, chunk_size=16)
 
@@ -131,12 +131,12 @@ def test_single_token_and_wide_values(family):
     """T = 1; V wider than one state block (two value blocks, the second ragged), K not 2^n."""
     args = make_inputs(family, "none", B=1, T=1, H=1, K=16, V=16, dtype=torch.float32, seed=7)
     check(family, args, TOL[torch.float32])
-    args = make_inputs(family, "vector", B=1, T=20, H=1, K=24, V=80, dtype=torch.float32, seed=8)
+    args = make_inputs(family, "key", B=1, T=20, H=1, K=24, V=80, dtype=torch.float32, seed=8)
     check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
 @pytest.mark.parametrize("value", [0.0, -1000.0], ids=["no_decay", "g=-1000"])
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("gate", ["head", "key"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extreme_gates(family, gate, value):
     """Gates of 0 and of -1000 (every other token): finite, and close to the oracle. With
@@ -164,7 +164,7 @@ def test_state_augmentation_for_sequence_parallelism():
     """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
     in one call; the A block matches the delta rule's transition, here through linearity."""
     family, K, V = "delta_rule", 16, 16
-    args = make_inputs(family, "scalar", B=1, T=37, H=1, K=K, V=V, dtype=torch.float32, seed=10)
+    args = make_inputs(family, "head", B=1, T=37, H=1, K=K, V=V, dtype=torch.float32, seed=10)
     q, k, v, beta, g = (args[n].detach() for n in ("q", "k", "v", "beta", "g"))
     S0 = args["initial_state"].detach()
     eye = torch.eye(K).expand(1, 1, K, K)
@@ -185,7 +185,7 @@ def test_state_augmentation_for_sequence_parallelism():
 
 
 def test_public_ops_route_cpu_tensors_to_torch_and_refuse_triton():
-    args = make_inputs("delta_rule", "scalar", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
+    args = make_inputs("delta_rule", "head", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
     pos = [t.detach() for t in op_args(args)]
     o_auto, _ = lsp.ops.delta_rule(*pos)  # auto: CPU tensors take the torch path
     o_torch, _ = lsp.ops.delta_rule(*pos, backend="torch")
@@ -221,7 +221,7 @@ def test_sweep_slow(family, gate, chunk, dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("value", [0.0, -30.0, -1000.0])
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("gate", ["head", "key"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_extreme_gates_slow(family, gate, value):
     args = make_inputs(family, gate, B=1, T=70, H=2, K=16, V=16, dtype=torch.float32, seed=3,
@@ -247,7 +247,7 @@ def test_grad_kernel_launch_warps(monkeypatch):
 
     monkeypatch.setattr(kchunk, "launch", spy)
     for K in (32, 64):
-        args = make_inputs("delta_rule", "scalar", 1, 20, 1, K, 16, dtype=torch.float32)
+        args = make_inputs("delta_rule", "head", 1, 20, 1, K, 16, dtype=torch.float32)
         o, _ = kernels.delta_rule(*op_args(args))
         o.sum().backward()
     assert seen["grad_kernel"] == {(32, 4), (64, 4)}

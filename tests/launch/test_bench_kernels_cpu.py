@@ -19,7 +19,7 @@ def test_bench_kernels_cpu_smoke_writes_json(tmp_path):
     doc = json.loads(out.read_text())
     recs = doc["correctness"]
     assert {(r["family"], r["gate"]) for r in recs} == {
-        (f, g) for f in ("linear_attention", "delta_rule") for g in ("none", "scalar", "vector")}
+        (f, g) for f in ("linear_attention", "delta_rule") for g in ("none", "head", "key")}
     for r in recs:
         assert r["ok"] and r["finite"] and r["worst"] <= 1e-4, r
     assert "correctness: 6/6 passed" in proc.stdout

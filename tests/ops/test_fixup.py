@@ -28,7 +28,7 @@ TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 def _gate(kind: str, regime: str, T: int, gen: torch.Generator):
     if kind == "none":
         return None
-    shape = (B, T, H) if kind == "scalar" else (B, T, H, K)
+    shape = (B, T, H) if kind == "head" else (B, T, H, K)
     if regime == "zero":
         return torch.zeros(shape, dtype=torch.float64)
     g = F.logsigmoid(torch.randn(shape, generator=gen, dtype=torch.float64))
@@ -81,7 +81,7 @@ def _err_at_identity_scale(P: torch.Tensor, P_ref: torch.Tensor) -> float:
 CASES = [
     (kind, regime, T, C, grouping, dtype)
     for kind, T, C, grouping, dtype in itertools.product(
-        ("none", "scalar", "vector"), (1, 37, 130), (64, 16), ("default", "tiny"),
+        ("none", "head", "key"), (1, 37, 130), (64, 16), ("default", "tiny"),
         (torch.float64, torch.float32))
     for regime in (("normal",) if kind == "none" else ("normal", "zero", "strong"))
     if not (grouping == "tiny" and C == 64)  # at C = 64 these T give at most 3 chunks
@@ -114,7 +114,7 @@ def test_transition_matches_oracle(kind, regime, T, C, grouping, dtype):
         assert rel_err(gr, ref) <= tol, (n, rel_err(gr, ref))
 
 
-@pytest.mark.parametrize("kind", ["scalar", "vector"])
+@pytest.mark.parametrize("kind", ["head", "key"])
 def test_gates_of_minus_1000_everywhere(kind):
     """Every decay is exp(-1000) = 0 in float64: the transition and qe vanish, gradients finite."""
     a = _inputs(kind, "normal", 70, torch.float64)
@@ -128,7 +128,7 @@ def test_gates_of_minus_1000_everywhere(kind):
 
 def test_long_stretch_many_levels():
     """T = 1000 at C = 8 (125 chunks: blocks of 11, a 4-level scan), float64, scalar gates."""
-    a = _inputs("scalar", "normal", 1000, torch.float64, seed=3)
+    a = _inputs("head", "normal", 1000, torch.float64, seed=3)
     # weak decay and writes, so that P_N stays well above 0 over 1000 tokens
     a["g"] = (a["g"].detach() * 0.002).requires_grad_()
     a["beta"] = (a["beta"].detach() * 0.05).requires_grad_()
@@ -146,7 +146,7 @@ def test_bad_sizes_raise(name, value):
         delta_rule_transition(a["q"], a["k"], a["beta"], None, scale=SCALE, **{name: value})
 
 
-@pytest.mark.parametrize("kind", ["none", "scalar", "vector"])
+@pytest.mark.parametrize("kind", ["none", "head", "key"])
 def test_without_recompute_matches_oracle(kind):
     """``recompute=False`` (no checkpointing) gives the same values and gradients."""
     a = _inputs(kind, "normal", 45, torch.float64, seed=4)

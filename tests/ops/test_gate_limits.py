@@ -20,7 +20,7 @@ from lsp.testing import FAMILIES, make_inputs, outputs_and_grads, rel_err, run_r
 
 from lsp import kernels  # noqa: E402
 
-GATE_KINDS = ("scalar", "vector")  # one decay per head [B,T,H], per key channel [B,T,H,K]
+GATE_KINDS = ("head", "key")  # one decay per head [B,T,H], per key channel [B,T,H,K]
 # -inf on the first token, inside the first 16-token chunk, on both sides of a chunk boundary
 # and on the last token; per key channel also on single channels
 # (16-token chunks in the kernels, 64 in the torch path)
@@ -87,7 +87,7 @@ def test_full_forget_sequence_parallel(P):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_positive_log_gates_are_refused(family):
-    args = make_inputs(family, "scalar", B=1, T=8, H=1, K=4, V=3)
+    args = make_inputs(family, "head", B=1, T=8, H=1, K=4, V=3)
     pos = [args[n].detach() for n in ("q", "k", "v", "beta") if n in args]
     g = args["g"].detach().clone()
     g[0, 3, 0] = 5.0

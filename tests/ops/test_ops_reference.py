@@ -64,7 +64,7 @@ def test_any_chunk_size(family, gate, chunk_size):
 
 
 @pytest.mark.parametrize("gate_value", [0.0, -30.0, -1000.0], ids=["no_decay", "g=-30", "g=-1000"])
-@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("gate", ["head", "key"])
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_extreme_gates(family, gate, gate_value, dtype):
@@ -122,7 +122,7 @@ def test_random_shapes_match_oracle(family, gate, B, T, H, K, V, with_state, see
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_explicit_scale(family):
-    args = make_inputs(family, "scalar", B=1, T=20, H=1, K=4, V=4, seed=5)
+    args = make_inputs(family, "head", B=1, T=20, H=1, K=4, V=4, seed=5)
     assert_matches_oracle(family, args, 1e-9, scale=0.3)
 
 
@@ -130,7 +130,7 @@ def test_explicit_scale(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_low_precision_inputs_keep_fp32_state(family, dtype):
     """bf16/fp16 inputs: output in the input dtype, state in float32, close to the oracle."""
-    args = make_inputs(family, "vector", B=1, T=40, H=2, K=8, V=8, dtype=dtype, seed=2)
+    args = make_inputs(family, "key", B=1, T=40, H=2, K=8, V=8, dtype=dtype, seed=2)
     o, S = call(OPS[family], args, output_final_state=True, backend="torch")
     assert o.dtype == dtype and S.dtype == torch.float32
     o_ref, S_ref = call(naive_for(family), upcast(args), output_final_state=True)

@@ -1,6 +1,6 @@
 """lsp.kernels: Triton kernels for the two op families (chunkwise forward and backward).
 
-Kernels import nothing of the rest of the project (DESIGN.md §2). ``lsp.ops`` calls
+Kernels import nothing of the rest of the project (docs/design.md, Layout). ``lsp.ops`` calls
 :func:`linear_attention` and :func:`delta_rule` for ``backend="triton"`` (and for ``"auto"`` on
 CUDA tensors); :func:`unavailable_reason` says why they cannot run, or None when they can.
 
@@ -24,6 +24,11 @@ from typing import Optional
 
 DEFAULT_CHUNK_SIZE = 64
 CHUNK_SIZES = (16, 32, 64)
+
+def _clamp_full_forget(g):
+    from .kinds import FULL_FORGET_FLOOR_F32, clamp_full_forget
+
+    return clamp_full_forget(g, FULL_FORGET_FLOOR_F32)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -84,8 +89,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     from .linear_attn import chunk_linear_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state,
-                                  chunk_size, num_segments)
+    return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state,
+                                  output_final_state, chunk_size, num_segments)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
@@ -95,8 +100,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
     from .delta_net import chunk_delta_rule
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state,
-                            chunk_size, num_segments)
+    return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state,
+                            output_final_state, chunk_size, num_segments)
 
 
 __all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

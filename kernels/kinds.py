@@ -49,4 +49,23 @@ class Gate(IntEnum):
                              f"{[g.label for g in cls]}") from None
 
 
-__all__ = ["Gate"]
+# A log-gate of -inf is a full forget (a hard reset): exp(-inf) = 0. Chunkwise forms work on
+# cumulative gates and their differences, where -inf - -inf is NaN, so every path clamps g from
+# below at a floor whose exponential, plus any further decay (g <= 0), underflows to exactly 0 in
+# its arithmetic: the same numbers as -inf, without NaN. Autograd's clamp gives g the gradient 0
+# there, the oracle's (d/dg exp(g) x = 0 at g = -inf).
+FULL_FORGET_FLOOR_F64 = -1024.0
+"""Floor for float64 running sums (the torch path, the sequence-parallel pairs): float64
+underflows below about -745."""
+FULL_FORGET_FLOOR_F32 = -110.0
+"""Floor before the float32 kernels: float32 underflows below about -103.3; as high as that
+allows, since the cumulative gate after a full forget carries it and float32 keeps differences
+of later tokens to about 1e-5 of it."""
+
+
+def clamp_full_forget(g, floor: float = FULL_FORGET_FLOOR_F64):
+    """``g`` (a tensor or None) with ``-inf`` and anything below ``floor`` raised to it."""
+    return None if g is None else g.clamp(min=floor)
+
+
+__all__ = ["Gate", "FULL_FORGET_FLOOR_F64", "FULL_FORGET_FLOOR_F32", "clamp_full_forget"]

@@ -8,6 +8,8 @@ Subcommands:
                (launch/bench_scaling.py); records append to a JSON file
     scaling-report  weak/strong-scaling ratios, table and PNG from that file
     kernels    the kernel correctness and timing table (launch/bench_kernels.py; GPU)
+    attention  flash against cuDNN attention on the model's block shapes, forward and
+               backward, with an agreement check (launch/bench_attention.py; GPU)
 
 Run ``lsp-bench <subcommand> --help`` for options.
 """
@@ -55,7 +57,9 @@ def main(argv=None):
                 "costmodel": _costmodel,
                 "scaling": lambda rest: __import__("lsp.launch.bench_scaling", fromlist=["main"]).main(rest),
                 "scaling-report": _scaling_report,
-                "kernels": _kernels}
+                "kernels": _kernels,
+                "attention": lambda rest: __import__("lsp.launch.bench_attention",
+                                                     fromlist=["main"]).main(rest)}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):

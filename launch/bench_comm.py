@@ -4,10 +4,11 @@ Started by torchrun (NCCL on GPUs, or gloo), by mpirun, or plainly: without a la
 ``max(--ranks)`` gloo processes on this CPU itself. Smaller rank counts are measured on
 subgroups ``{0, ..., P-1}`` of the same world.
 
-Timing (DESIGN.md §6): every rank runs the same fixed number of calls; each timed call sits
-between barriers, is timed with CUDA events (GPU) or ``perf_counter`` (CPU), and the slowest
-rank's time counts; we report the median over repeats and the 10th/90th percentiles. Bytes are
-the method's bytes on the critical path and the bytes each rank receives (``launch/costmodel.py``).
+Timing (docs/design.md, Pitfalls): every rank runs the same fixed number of calls; each timed
+call sits between barriers, is timed with CUDA events (GPU) or ``perf_counter`` (CPU), and the
+slowest rank's time counts; we report the median over repeats and the 10th/90th percentiles.
+Bytes are the method's bytes on the critical path and the bytes each rank receives
+(``launch/costmodel.py``).
 
 Writes ``comm.json`` (records, the fitted cost model, predictions to 256 ranks, the ZeCO
 comparison) and PNG plots into ``--out``; prints a table.

@@ -45,15 +45,24 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("linear_attention", "delta_rule")
-GATES = ("none", "scalar", "vector")
+from lsp.testing import (
+    FAMILIES,
+    GATES,
+    call,
+    make_inputs,
+    naive_for,
+    outputs_and_grads,
+    rel_err,
+    upcast,
+)
+
 NAMES = {
     ("linear_attention", "none"): "linear attention",
-    ("linear_attention", "scalar"): "decayed LA (simple GLA)",
-    ("linear_attention", "vector"): "GLA",
+    ("linear_attention", "head"): "decayed LA (simple GLA)",
+    ("linear_attention", "key"): "GLA",
     ("delta_rule", "none"): "DeltaNet",
-    ("delta_rule", "scalar"): "Gated DeltaNet",
-    ("delta_rule", "vector"): "KDA-like",
+    ("delta_rule", "head"): "Gated DeltaNet",
+    ("delta_rule", "key"): "KDA-like",
 }
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,49 +84,11 @@ def poison():
     del big, small
 
 
-def rel_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def make_inputs(family, gate, B, T, H, K, V, dtype, seed=0, gate_value=None, state=True):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=gen, device=DEVICE, dtype=torch.float32)
-
-    a = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V)}
-    if family == "delta_rule":
-        a["beta"] = torch.sigmoid(rnd(B, T, H))
-    shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, K)}[gate]
-    if shape is not None:
-        g = F.logsigmoid(rnd(*shape))
-        if gate_value is not None:
-            g[:, 1::2] = gate_value
-        a["g"] = g
-    if state:
-        a["initial_state"] = rnd(B, H, K, V)
-    out = {}
-    for n, t in a.items():
-        # gates, beta and states stay float32 (as models keep them); q, k, v take the dtype
-        out[n] = (t.to(dtype) if n in ("q", "k", "v") else t).requires_grad_()
-    return out
-
-
-def call(fn, a, **kw):
-    pos = [a["q"], a["k"], a["v"]] + ([a["beta"]] if "beta" in a else [])
-    return fn(*pos, a.get("g"), initial_state=a.get("initial_state"), **kw)
-
-
-def outs_and_grads(fn, a, seed=1, **kw):
-    o, S = call(fn, a, output_final_state=True, **kw)
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype)
-    dS = torch.randn(S.shape, generator=gen, device=DEVICE).to(S.dtype)
-    names = list(a)
-    grads = torch.autograd.grad([o, S], [a[n] for n in names], [do, dS])
-    return o, S, dict(zip(names, grads))
+def inputs(family, gate, B, T, H, K, V, dtype, seed=0, gate_value=None, state=True):
+    """Random op inputs on ``DEVICE``: q, k, v in ``dtype``; gates, beta and the state stay
+    float32, as models keep them."""
+    return make_inputs(family, gate, B, T, H, K, V, dtype, with_state=state, seed=seed,
+                       gate_value=gate_value, device=DEVICE, gates_dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------- correctness
@@ -129,20 +100,20 @@ def correctness_cases():
                 cases.append(dict(family=family, gate=gate, dtype=dts, B=2, T=333, H=2, K=64,
                                   V=128, segs=3, oracle="naive"))
     for family in FAMILIES:
-        for gate in ("scalar", "vector"):
+        for gate in ("head", "key"):
             for gv in (0.0, -1000.0):
                 cases.append(dict(family=family, gate=gate, dtype="fp32", B=1, T=200, H=2, K=64,
                                   V=64, segs=2, oracle="naive", gate_value=gv))
-    wide = [("delta_rule", "scalar", "bf16", 128, 256), ("delta_rule", "vector", "bf16", 128, 256),
-            ("linear_attention", "vector", "bf16", 128, 256), ("delta_rule", "scalar", "bf16", 256, 64),
-            ("linear_attention", "scalar", "bf16", 256, 128), ("delta_rule", "none", "fp32", 32, 32),
-            ("delta_rule", "scalar", "fp32", 128, 128), ("linear_attention", "none", "bf16", 128, 128)]
+    wide = [("delta_rule", "head", "bf16", 128, 256), ("delta_rule", "key", "bf16", 128, 256),
+            ("linear_attention", "key", "bf16", 128, 256), ("delta_rule", "head", "bf16", 256, 64),
+            ("linear_attention", "head", "bf16", 256, 128), ("delta_rule", "none", "fp32", 32, 32),
+            ("delta_rule", "head", "fp32", 128, 128), ("linear_attention", "none", "bf16", 128, 128)]
     for family, gate, dts, K, V in wide:
         cases.append(dict(family=family, gate=gate, dtype=dts, B=1, T=1500, H=2, K=K, V=V,
                           segs=None, oracle="chunk64"))
-    cases.append(dict(family="delta_rule", gate="vector", dtype="bf16", B=1, T=1500, H=2, K=256,
+    cases.append(dict(family="delta_rule", gate="key", dtype="bf16", B=1, T=1500, H=2, K=256,
                       V=128, segs=None, oracle="chunk64"))
-    cases.append(dict(family="delta_rule", gate="scalar", dtype="bf16", B=1, T=8192, H=4, K=128,
+    cases.append(dict(family="delta_rule", gate="head", dtype="bf16", B=1, T=8192, H=4, K=128,
                       V=128, segs=None, oracle="chunk64"))
     # longest first: the fp32 kernels (ieee dots, no tensor cores) take ~60 s to compile at
     # K = 128 on the H100 host and the K = 256 (key-blocked WY backward) ones ~20 s, so they
@@ -162,27 +133,23 @@ def _chunk_ref(family, q, k, v, *rest, initial_state=None, output_final_state=Fa
 
 def run_case(c):
     from lsp import kernels
-    from lsp.ops.delta_net.naive import naive_recurrent_delta_rule
-    from lsp.ops.linear_attn.naive import naive_recurrent_linear_attention
 
-    naive = {"linear_attention": naive_recurrent_linear_attention,
-             "delta_rule": naive_recurrent_delta_rule}
     dtype = DT[c["dtype"]]
-    a = make_inputs(c["family"], c["gate"], c["B"], c["T"], c["H"], c["K"], c["V"], dtype,
-                    seed=c["T"] + c["K"], gate_value=c.get("gate_value"))
+    a = inputs(c["family"], c["gate"], c["B"], c["T"], c["H"], c["K"], c["V"], dtype,
+               seed=c["T"] + c["K"], gate_value=c.get("gate_value"))
     rec = dict(c)
     try:
         poison()
-        o, S, grads = outs_and_grads(getattr(kernels, c["family"]), a, num_segments=c["segs"])
+        o, S, grads = outputs_and_grads(getattr(kernels, c["family"]), a, num_segments=c["segs"])
         if DEVICE == "cuda":
             torch.cuda.synchronize()
-        ref = {n: t.detach().double().requires_grad_() for n, t in a.items()}
+        ref = upcast(a)
         if c["oracle"] == "naive":
-            o_r, S_r, g_r = outs_and_grads(naive[c["family"]], ref)
+            o_r, S_r, g_r = outputs_and_grads(naive_for(c["family"]), ref)
         else:
             def rfn(*args, **kw):
                 return _chunk_ref(c["family"], *args, **kw)
-            o_r, S_r, g_r = outs_and_grads(rfn, ref)
+            o_r, S_r, g_r = outputs_and_grads(rfn, ref)
         finite = bool(torch.isfinite(o).all() and torch.isfinite(S).all()
                       and all(torch.isfinite(g).all() for g in grads.values()))
         errs = {"o": rel_err(o, o_r), "S": rel_err(S, S_r)}
@@ -278,7 +245,7 @@ def peak_mem(run):
 
 
 def bench_inputs(family, gate, T, B=1, H=16, K=128, V=128, seed=0):
-    a = make_inputs(family, gate, B, T, H, K, V, torch.bfloat16, seed=seed, state=False)
+    a = inputs(family, gate, B, T, H, K, V, torch.bfloat16, seed=seed, state=False)
     if "beta" in a:
         a["beta"] = a["beta"].detach().to(torch.bfloat16).requires_grad_()
     return a
@@ -309,16 +276,16 @@ def fla_fn(family, gate):
     if (family, gate) == ("linear_attention", "none"):
         from fla.ops.linear_attn import chunk_linear_attn
         return lambda a: chunk_linear_attn(a["q"], a["k"], a["v"], normalize=False)[0]
-    if (family, gate) == ("linear_attention", "scalar"):
+    if (family, gate) == ("linear_attention", "head"):
         from fla.ops.simple_gla import chunk_simple_gla
         return lambda a: chunk_simple_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
-    if (family, gate) == ("linear_attention", "vector"):
+    if (family, gate) == ("linear_attention", "key"):
         from fla.ops.gla import chunk_gla
         return lambda a: chunk_gla(a["q"], a["k"], a["v"], g=a["g"])[0]
     if (family, gate) == ("delta_rule", "none"):
         from fla.ops.delta_rule import chunk_delta_rule
         return lambda a: chunk_delta_rule(a["q"], a["k"], a["v"], a["beta"])[0]
-    if (family, gate) == ("delta_rule", "scalar"):
+    if (family, gate) == ("delta_rule", "head"):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         return lambda a: chunk_gated_delta_rule(a["q"], a["k"], a["v"], a["g"], a["beta"])[0]
     from fla.ops.kda import chunk_kda
@@ -565,7 +532,7 @@ def main():
     # D. segment sweep (Gated DeltaNet, T=64K)
     if "sweep" not in skip and time.time() < end - 40:
         log("\n== segment sweep: Gated DeltaNet fwd+bwd, B=1 H=16 K=V=128 T=65536 bf16 ==")
-        a = bench_inputs("delta_rule", "scalar", 65536)
+        a = bench_inputs("delta_rule", "head", 65536)
         sweep = {}
         for P in [int(x) for x in args.sweep.split(",")]:
             try:
@@ -584,11 +551,11 @@ def main():
     # E. per-kernel profile of one fwd+bwd (Gated DeltaNet, T=64K), lsp and fla
     if "profile" not in skip and time.time() < end - 35:
         from torch.profiler import ProfilerActivity, profile
-        a = bench_inputs("delta_rule", "scalar", 65536)
+        a = bench_inputs("delta_rule", "head", 65536)
         prof_out = {}
         who = [("lsp", ours_fn(kernels, "delta_rule"))]
         if "fla" not in skip:
-            who.append(("fla", fla_fn("delta_rule", "scalar")))
+            who.append(("fla", fla_fn("delta_rule", "head")))
         for name, fn in who:
             try:
                 run = fwd_bwd(fn, a)

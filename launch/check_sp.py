@@ -18,49 +18,25 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import lsp
 from lsp.launch.dist_env import init_from_environment
 from lsp.parallel import METHODS, sequence_parallel
+from lsp.testing import FAMILIES, GATES, make_inputs, op_args, rel_err
 
 OPS = {"linear_attention": lsp.ops.linear_attention, "delta_rule": lsp.ops.delta_rule}
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-9}
 
 
-def rel(x, ref):
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return float("nan")
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
-def inputs(family, gate, B, T, H, K, V, device, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*s):
-        return torch.randn(*s, generator=g, dtype=torch.float64).to(device)
-
-    a = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V)}
-    if family == "delta_rule":
-        a["beta"] = torch.sigmoid(rnd(B, T, H))
-    if gate != "none":
-        a["g"] = F.logsigmoid(rnd(*((B, T, H) if gate == "scalar" else (B, T, H, K))))
-    a["initial_state"] = rnd(B, H, K, V)
-    return {n: t.requires_grad_() for n, t in a.items()}
-
-
-def pos(family, a):
-    return [a["q"], a["k"], a["v"]] + ([a["beta"]] if family == "delta_rule" else []) + [a.get("g")]
-
-
 def check(rank, P, family, gate, method, dtype, backend, B, Tl, H, K, V, device):
-    full = inputs(family, gate, B, P * Tl, H, K, V, device, seed=7)
+    # float64 draws on the CPU, then moved: every rank and device sees the same inputs
+    full = {n: t.detach().to(device).requires_grad_()
+            for n, t in make_inputs(family, gate, B, P * Tl, H, K, V, seed=7).items()}
     op = OPS[family]
     gen = torch.Generator(device="cpu").manual_seed(8)
     do = torch.randn(B, P * Tl, H, V, generator=gen, dtype=torch.float64).to(device)
     dS = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(device)
-    o_ref, S_ref = op(*pos(family, full), initial_state=full["initial_state"],
+    o_ref, S_ref = op(*op_args(full), initial_state=full["initial_state"],
                       output_final_state=True, backend="torch")
     names = list(full)
     ref_g = dict(zip(names, torch.autograd.grad((o_ref * do).sum() + (S_ref * dS).sum(),
@@ -72,17 +48,17 @@ def check(rank, P, family, gate, method, dtype, backend, B, Tl, H, K, V, device)
         if n in full:
             sh[n] = full[n].detach()[:, sl].float().requires_grad_()
     init = full["initial_state"].detach().float().requires_grad_()
-    o, S = sequence_parallel(op, *pos(family, sh), method=method, initial_state=init,
+    o, S = sequence_parallel(op, *op_args(sh), method=method, initial_state=init,
                              output_final_state=True, backend=backend)
     loss = (o.float() * do[:, sl].float()).sum() + (S * dS.float()).sum() * (1.0 if rank == 0 else 0.0)
     leaves = dict(sh, initial_state=init)
     gr = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-    errs = {"o": rel(o, o_ref[:, sl]), "S": rel(S, S_ref)}
+    errs = {"o": rel_err(o, o_ref[:, sl]), "S": rel_err(S, S_ref)}
     for n, t in gr.items():
         if n == "initial_state":
-            errs["dinit"] = rel(t, ref_g[n]) if rank == 0 else t.abs().max().item()
+            errs["dinit"] = rel_err(t, ref_g[n]) if rank == 0 else t.abs().max().item()
         else:
-            errs["d" + n] = rel(t, ref_g[n][:, sl])
+            errs["d" + n] = rel_err(t, ref_g[n][:, sl])
     return errs
 
 
@@ -98,8 +74,8 @@ def main(argv=None):
     rows, ok = [], True
     for backend in args.backends.split(","):
         for dtype in (torch.float32, torch.bfloat16):
-            for family in OPS:
-                for gate in ("none", "scalar", "vector"):
+            for family in FAMILIES:
+                for gate in GATES:
                     for method in METHODS:
                         errs = check(rank, P, family, gate, method, dtype, backend, B, Tl, H, K, V, device)
                         allerrs = [None] * P

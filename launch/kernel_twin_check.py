@@ -35,7 +35,7 @@ def _is_float16ish(t):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="delta_rule")
-    ap.add_argument("--gate", default="vector")
+    ap.add_argument("--gate", default="key")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--T", type=int, default=333)
     ap.add_argument("--K", type=int, default=64)
@@ -56,6 +56,7 @@ def main():
     from lsp.kernels.common import pairwise as kpair
     from lsp.kernels.common import utils as kutils
     from lsp.launch import bench_kernels as bk
+    from lsp.testing import rel_err
 
     if args.cpu:
         bk.DEVICE = "cpu"
@@ -105,12 +106,12 @@ def main():
                                                                      "BKW", "STRICT", "SAME", "IP")},
                    outputs={})
         for i in changed:
-            rec["outputs"][str(i)] = dict(real_vs_twin=bk.rel_err(tensors[i], twin[i]),
+            rec["outputs"][str(i)] = dict(real_vs_twin=rel_err(tensors[i], twin[i]),
                                           dtype=str(tensors[i].dtype))
         if args.warps and (not only or name in only) and args.warps != num_warps:
             var = rerun(False, args.warps, None)
             for i in changed:
-                rec["outputs"][str(i)]["var_vs_twin"] = bk.rel_err(var[i], twin[i])
+                rec["outputs"][str(i)]["var_vs_twin"] = rel_err(var[i], twin[i])
                 tensors[i].copy_(var[i])  # the variant's result goes on
         report.append(rec)
         line = " ".join(f"arg{i}:{v['real_vs_twin']:.1e}"

@@ -52,9 +52,28 @@ def train_launched_rank(train, cfg) -> None:
         rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "?")
         print(f"lsp-train: rank {rank} failed:", file=sys.stderr)
         traceback.print_exc()
+        text = str(sys.exc_info()[1])
+        if "Connection closed by peer" in text or "Connection reset by peer" in text:
+            print(f"lsp-train: rank {rank}: a peer rank failed or was stopped first (the lost "
+                  "connection is a consequence); its error is the first 'rank N failed' in the "
+                  "job's log", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+
+
+def _train_locked_on_rank0(run, layout):
+    """Under torchrun / mpirun: rank 0 holds the run directory's lock for the run."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from lsp.train.loop import train
+    from lsp.train.rundir import RunDirLock
+
+    lock = RunDirLock(run.run_dir).acquire() if dist.get_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return train(run, layout)
 
 
 class ConfigError(ValueError):
@@ -105,7 +124,10 @@ def _run_rank(rank: int, world: int, store: str, run, backend: str) -> None:
     from lsp.train.loop import train
 
     if backend == "nccl":
+        from lsp.launch.dist_env import nccl_fail_fast
+
         torch.cuda.set_device(rank)
+        nccl_fail_fast()
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
@@ -158,7 +180,7 @@ def run_cli(argv: list[str] | None = None) -> None:
 
         init_from_environment(run.parallel.dist_backend, timeout_s=run.parallel.timeout_s)
         layout = _checked_layout(run, dist.get_world_size())
-        train_launched_rank(lambda r: train(r, layout), run)
+        train_launched_rank(lambda r: _train_locked_on_rank0(r, layout), run)
         dist.destroy_process_group()
         return
 
@@ -171,14 +193,25 @@ def run_cli(argv: list[str] | None = None) -> None:
         raise ConfigError(f"lsp-train: config error: parallel.nproc={world} ranks but only "
                           f"{torch.cuda.device_count()} GPUs; use torchrun across nodes or "
                           "lower tp*cp")
-    import torch.multiprocessing as mp
+    from lsp.launch.dist_env import spawn_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with _locked(run.run_dir), tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         if world == 1:
             _run_rank(0, 1, store, run, backend)
         else:
-            mp.spawn(_run_rank, args=(world, store, run, backend), nprocs=world, join=True)
+            spawn_ranks(_run_rank, world, (world, store, run, backend))
+
+
+def _locked(run_dir: str):
+    """The run directory's lock for this run (one run per run directory); another run holding
+    it is a :class:`ConfigError` that names that run."""
+    from lsp.train.rundir import RunDirLock
+
+    try:
+        return RunDirLock(run_dir).acquire()
+    except ValueError as e:
+        raise ConfigError(f"lsp-train: config error: {e}") from e
 
 
 if __name__ == "__main__":

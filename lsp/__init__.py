@@ -1,6 +1,6 @@
 """lsp: long-context training of linear-recurrent language models with sequence parallelism.
 
-Public entry points (DESIGN.md §3):
+Public entry points (docs/design.md, The op contract):
 
 - ``lsp.ops.linear_attention`` and ``lsp.ops.delta_rule``: the two op families;
 - ``lsp.parallel``: sequence parallelism over ``torch.distributed`` (see that package);

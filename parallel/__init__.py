@@ -1,4 +1,5 @@
-"""lsp.parallel: sequence, tensor and expert parallelism for lsp (DESIGN.md §1, §4).
+"""lsp.parallel: sequence, tensor and expert parallelism for lsp (docs/design.md: The affine
+scan, Parallel layout).
 
 - ``sequence_parallel(op, *shard, group, method)`` runs an lsp op over a sequence split into
   contiguous shards across a process group; ``exchange`` holds the three state-exchange methods

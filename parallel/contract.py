@@ -1,4 +1,4 @@
-"""What ``sequence_parallel`` needs from an op, stated once (docs/design.md, "op contract").
+"""What ``sequence_parallel`` needs from an op, stated once (docs/design.md, The op contract).
 
 ``lsp.parallel`` does not import ``lsp.ops`` (dependencies point launch -> lsp -> parallel ->
 kernels), so the ops describe themselves with an :class:`OpSpec` attached as ``op.spec``:

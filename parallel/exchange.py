@@ -13,8 +13,8 @@ final state::
     D_r = A_r^T D_{r+1} + G_r,    dB_r = D_{r+1},    dA_r = D_{r+1} S_start_r^T,    dS_init = D_0
 
 Written by hand: no library offers an exclusive scan of non-commutative affine pairs over
-``torch.distributed`` with its adjoint (DESIGN.md §6 also warns that
-``torch.distributed.nn.functional.all_gather`` mis-indexes ranks in backward on gloo subgroups).
+``torch.distributed`` with its adjoint (and ``torch.distributed.nn.functional.all_gather``
+mis-indexes ranks in backward on gloo subgroups: docs/design.md, Pitfalls).
 
 Costs, for ``P`` ranks, a state of ``[H, K, V]`` per sequence in the batch (multiply by ``B``),
 ``e`` bytes per element (4 for float32), ``n`` All-Scan blocks, and a transition ``A`` of

@@ -1,4 +1,5 @@
-"""A small CPU shim for megatron-core's direct ``torch.cuda`` calls (DESIGN.md §4).
+"""A small CPU shim for megatron-core's direct ``torch.cuda`` calls (docs/design.md, Parallel
+layout).
 
 megatron-core's tensor-parallel linears, MoE token dispatchers and DDP are written for GPUs and
 call ``torch.cuda`` directly even where the math is device-agnostic: buffers are allocated with

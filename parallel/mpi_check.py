@@ -4,7 +4,7 @@
 ``lsp.parallel.exchange`` but with ``MPI_Exscan`` (and ``MPI_Allreduce`` for the final state) and
 a user-defined, non-commutative MPI operator, through mpi4py. MPI defines the order in which a
 non-commutative operator combines the ranks' values, so this is an implementation of the scan
-that shares no communication code with the torch.distributed one; ``tests/mpi_exscan_main.py``
+that shares no communication code with the torch.distributed one; ``tests/parallel/mpi_exscan_main.py``
 runs both under ``mpiexec`` and compares them.
 """
 

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lsp.kernels.kinds import clamp_full_forget
 from lsp.parallel.contract import Family, OpCall, OpSpec, Transition
 
 KINDS = tuple(t.value for t in Transition)
@@ -105,8 +106,9 @@ def local_pass(spec: OpSpec, call: OpCall) -> LocalPass:
 
 
 def _cumulative_log_decay(g: Tensor) -> Tensor:
-    # float64 cumsum: over a long slice the float32 sum would lose the small late terms
-    return g.double().cumsum(dim=1)
+    # float64 cumsum: over a long slice the float32 sum would lose the small late terms;
+    # clamp_full_forget: a gate of -inf (full forget) gives exact zeros, not -inf - -inf = NaN
+    return clamp_full_forget(g.double()).cumsum(dim=1)
 
 
 def linear_attention_local(spec: OpSpec, call: OpCall) -> LocalPass:

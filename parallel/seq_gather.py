@@ -4,7 +4,7 @@
 group-rank order; backward reduce-scatters the incoming gradient, so each rank receives the sum
 over all ranks of the gradient that reached its own slice. Written here rather than using
 ``torch.distributed.nn.functional.all_gather``, which mis-indexes ranks in backward on gloo
-subgroups (DESIGN.md §6).
+subgroups (docs/design.md, Pitfalls).
 """
 
 from __future__ import annotations

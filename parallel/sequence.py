@@ -41,6 +41,7 @@ and the backward sums them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import astuple, dataclass, fields
 from typing import Callable
@@ -239,6 +240,7 @@ def sequence_parallel(
     check: bool = True,
     timer: ExchangeTimer | None = None,
     ablate_incoming_state: bool = False,
+    equal_lengths: bool = True,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
     """Run ``op`` over a sequence split across the ranks of ``group``.
@@ -260,6 +262,10 @@ def sequence_parallel(
             sync); a training loop with static shapes may pass ``check=False`` after its first
             step, on every rank alike.
         timer: an :class:`ExchangeTimer` that adds up the time of the exchange, or None.
+        equal_lengths: ``False`` lets the ranks hold different numbers of tokens (the exchange
+            moves only states, whose shape does not depend on the length; e.g. a memory of
+            routed Mixture-of-Memories runs over the tokens routed to it on each rank); the
+            check then compares everything but the length. ``seq_len`` needs equal lengths.
         ablate_incoming_state: a diagnostic that drops the state arriving from earlier ranks
             (the results are then wrong: it shows what the exchange carries). Off by default.
         **kwargs: the op's keywords: ``scale``, ``initial_state`` (the state before the whole
@@ -293,8 +299,14 @@ def sequence_parallel(
             f"= {P * T}; shard the sequence into {P} equal contiguous parts "
             f"(seq_len must be divisible by {P})"
         )
+    if not equal_lengths and seq_len is not None:
+        raise ValueError("sequence_parallel: seq_len=... assumes equal shards; pass "
+                         "equal_lengths=True or no seq_len")
     if check:
-        _check_consistency(group, CallMeta.of(call, method, num_blocks), call.q.device)
+        meta = CallMeta.of(call, method, num_blocks)
+        if not equal_lengths:
+            meta = dataclasses.replace(meta, T_local=-1)
+        _check_consistency(group, meta, call.q.device)
 
     local = pairs.local_pass(spec, call)
     A, B = local.pair()

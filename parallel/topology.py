@@ -1,4 +1,5 @@
-"""Process topology: a DP x CP x TP x EP grid on megatron-core's ``parallel_state`` (DESIGN.md §4).
+"""Process topology: a DP x CP x TP x EP grid on megatron-core's ``parallel_state``
+(docs/design.md, Parallel layout).
 
     topo = init_topology(tp=2, cp=2, ep=1)       # after torch.distributed.init_process_group
     topo.tp_group, topo.cp_group, topo.dp_group, topo.ep_group, ...   # pass these to modules

@@ -1,4 +1,5 @@
-"""The package layout of DESIGN.md §2: top-level folders installed under the lsp namespace."""
+"""The package layout (docs/design.md, Layout): top-level folders installed under the lsp
+namespace."""
 
 from __future__ import annotations
 

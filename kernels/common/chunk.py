@@ -37,7 +37,7 @@ from .utils import (
 
 
 # The delta rule's WY backward keeps float32 [BT, K] tiles; above this K they do not fit in an
-# H100's shared memory (seen: 288 KiB asked for K = 256), so the key dim goes in blocks.
+# H100's shared memory (K = 256 asks for 288 KiB), so the key dim goes in blocks.
 WY_SINGLE_TILE_MAX_K = 128
 WY_BLOCK_K = 64
 
@@ -132,16 +132,9 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
     return X
 
 
-# ``grad_kernel`` runs without software pipelining. On an H200 (Triton 3.6, sm_90, commit
-# fc628ae) its pipelined build (num_stages=2) at BK = 64, 4 warps, returned a ``dw`` 16% away from
-# the same launch rerun at num_stages=1 (float32 inputs, ieee dots), while its other outputs agreed
-# to 2e-7..2e-3 (launch/kernel_twin_check.py, Gated DeltaNet bf16 K = 64). dw = -dr @ h^T has
-# exact bf16 products, so that is not rounding; earlier runs saw it change from run to run, as a
-# missing wait on an asynchronous Hopper dot would. Every rerun that agreed with the twin (the
-# "2 or 4 warps" variants of an earlier session) was at num_stages=1. The kernel's only loop is
-# over V blocks (2 at V = 128): pipelining it gains little. Checked on an H100 (524e819): the
-# correctness section of launch/bench_kernels.py passed 36/36, Gated DeltaNet K = 64 at 3.4e-3
-# (bf16) and 5.6e-4 (fp16), docs/bench/h100_kernels_correct_524e819.json.
+# ``grad_kernel`` runs without software pipelining: on Hopper (Triton 3.6) its pipelined build
+# at BK = 64 returned a wrong ``dw`` (docs/results.md); its only loop is over V blocks, so
+# pipelining it gains little.
 GRAD_KERNEL_STAGES = 1
 
 

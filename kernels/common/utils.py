@@ -70,25 +70,8 @@ def grad_num_warps(BK: int) -> int:
     """Warps for the backward kernels (``grad_kernel``, ``state_bwd_kernel``, ``wy_bwd_kernel``):
     4 up to ``BK = 64``, 8 above.
 
-    With only ``grad_kernel`` at 4 warps (commit aa94a7a) the H100 still gave Gated DeltaNet at
-    K = 64 ``dk`` 8e-3 / ``dg`` 1.6e-2 in bf16 and 1.1e-2 / 1.7e-2 in fp16 (fp16 rounding alone
-    gives ~4e-4), and KDA-like fp16 1.0e-2; a diagnostic run with *every* backward kernel at 4
-    warps had KDA-like and Gated DeltaNet fp16 at ~4e-4 and KDA-like bf16 at 3.3e-3. So the
-    state and WY backward kernels run at 4 warps at K <= 64 too.
-
-    On an H100 (Triton 3.6, sm_90) the 8-warp build of ``grad_kernel`` at ``BK = 64`` with a
-    gate (``GATE`` 1 or 2, i.e. with the ``sum_v h * dh`` reduction) returns a wrong ``dw`` for
-    the delta rule: 8 to 15 % relative error, different from run to run, while the same kernel at
-    2 or 4 warps (and its float32 / ``ieee`` twin) agree to 3e-7. ``dw`` feeds ``dk``, ``dbeta``
-    and ``dg`` through the WY backward, which is why Gated DeltaNet and the per-channel-gated
-    delta rule missed the 1e-2 bound in bf16 *and* fp16 at K = 64 (found with
-    ``launch/kernel_twin_check.py``). ``BK = 128`` at 8 warps was checked correct.
-
-    Caveat found later: those agreeing 2- and 4-warp reruns were all at ``num_stages=1`` (the
-    twin check reruns every launch unpipelined), and at fc628ae the pipelined 4-warp build still
-    gave ``dw`` 16% off. So the pipelining, not the warp count, is the likelier cause;
-    ``grad_kernel`` now runs at ``num_stages=1`` (``chunk.GRAD_KERNEL_STAGES``); with these warps
-    and that, every correctness case passed on an H100 (524e819, 36/36).
+    At ``BK = 64`` the 8-warp builds gave wrong delta-rule gradients on Hopper (Triton 3.6); with
+    these counts every device correctness case passes (history: docs/results.md).
     """
     return 4 if BK <= 64 else 8
 

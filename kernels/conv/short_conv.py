@@ -4,12 +4,11 @@
 (the ``W - 1`` rows before the shard: zeros at the sequence start, the previous CP rank's tail
 otherwise), ``act`` SiLU or none. torch's ``conv1d`` wants ``[B, C, T]``: the layers hold
 ``[B, T, C]``, so each call transposes into a contiguous copy and the output comes back strided
-(at 1M tokens on 2 GPUs short convolutions and their layout copies took 7.4 s of a 60 s step,
-fc628ae profile). Here every tile reads its rows in place, accumulates in float32, applies the
-activation in registers and writes ``y`` in the input's layout. The backward recomputes the
-pre-activation from ``xp`` (so only ``xp`` is saved), writes ``dz`` once and per-tile partial
-sums of the weight gradient, and a second kernel forms ``dxp`` (whose first ``W - 1`` rows are
-the gradient of the halo).
+(a large share of a long-context step: docs/results.md). Here every tile reads its rows in
+place, accumulates in float32, applies the activation in registers and writes ``y`` in the
+input's layout. The backward recomputes the pre-activation from ``xp`` (so only ``xp`` is
+saved), writes ``dz`` once and per-tile partial sums of the weight gradient, and a second kernel
+forms ``dxp`` (whose first ``W - 1`` rows are the gradient of the halo).
 
 Written by hand: no library that lsp depends on has this (fla's and causal-conv1d's kernels are
 not dependencies). Fixed block sizes, so it runs under Triton's interpreter too.

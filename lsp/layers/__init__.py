@@ -1,4 +1,5 @@
-"""Token mixers, feed-forward blocks and norms for lsp's hybrid decoder (DESIGN.md §4, §5).
+"""Token mixers, feed-forward blocks and norms for lsp's hybrid decoder (docs/design.md,
+Parallel layout).
 
 Every layer takes and returns megatron's ``[sequence, batch, hidden]`` layout and a
 :class:`ParallelContext` that says how it is split (TP over heads, CP over the sequence, EP over

@@ -4,16 +4,16 @@ Each CP rank holds a contiguous slice of the sequence (the same layout as the re
 layers). Its queries at global positions ``[r T, (r+1) T)`` attend to the keys at
 ``[0, (r+1) T)``: the layer all-gathers K and V over the CP group (autograd all-gather whose
 backward reduce-scatters), keeps that prefix and applies a lower-right-aligned causal mask, so
-no TransformerEngine is needed (``torch.nn.functional.scaled_dot_product_attention``). Rotary
-embeddings use global positions. Heads (and K/V heads, for grouped-query attention) are split
-over TP.
+no TransformerEngine is needed: the kernels are torch's cuDNN or flash attention ops, or the
+math reference (``attention_backend``, :func:`lsp.parallel.cp_attention.resolve_backend`).
+Rotary embeddings use global positions. Heads (and K/V heads, for grouped-query attention) are
+split over TP.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from lsp.layers.common import merge_heads, split_heads
@@ -24,6 +24,13 @@ from lsp.layers.context import (
     default_out_init,
     local_heads,
     normal_init,
+)
+from lsp.parallel.cp_attention import (  # noqa: F401 (_check_small_mask: tests use it here)
+    BACKENDS,
+    BlockAttention,
+    _check_small_mask,
+    balanced_causal_attention,
+    resolve_backend,
 )
 
 __all__ = ["SoftmaxAttention", "apply_rope", "causal_attention"]
@@ -42,75 +49,58 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None, balance: bool = False,
-                     overlap: bool = False) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, group=None,
+                     load_balance: bool = False, balance_overlap: bool = False,
+                     backend: str = "auto") -> Tensor:
     """Causal softmax attention of this CP rank's queries over the whole sequence so far.
 
     ``q``: ``[B, T, H, d]`` (this rank's contiguous slice), ``k, v``: ``[B, T, Hkv, d]``
     (same slice; ``Hkv`` divides ``H``); ``group``: the CP group (``None``: one rank);
-    ``balance``: split the attention work evenly over the CP ranks
+    ``load_balance``: split the attention work evenly over the CP ranks
     (:func:`lsp.parallel.cp_attention.balanced_causal_attention`) instead of each rank scoring
     its own queries (the last rank then does ``2P - 1`` times the first rank's work);
-    ``overlap``: the balanced exchange runs alongside each rank's own blocks. Returns
-    ``[B, T, H, d]``, equal to the matching slice of causal attention over the whole sequence.
+    ``balance_overlap``: the balanced exchange runs alongside each rank's own blocks;
+    ``backend``: the
+    attention kernel, one of ``auto | cudnn | flash | math``
+    (:func:`lsp.parallel.cp_attention.resolve_backend`: ``auto`` is cuDNN where torch has it
+    for the device, dtype and shapes, else flash, else math, and math on the CPU; an explicit
+    backend that cannot take the inputs raises). Returns ``[B, T, H, d]``, equal to the
+    matching slice of causal attention over the whole sequence.
+
+    Without ``load_balance``, rank ``r > 0`` scores ``T`` queries over ``(r + 1) T`` keys with a
+    lower-right causal mask, which flash and math take and torch's cuDNN op does not (its causal
+    mask is aligned top-left): there ``cudnn`` raises and ``auto`` takes flash.
     """
     from lsp.parallel.seq_gather import all_gather_sequence
 
     T = q.shape[1]
     multi = group is not None and torch.distributed.get_world_size(group) > 1
+    lower_right = multi and not load_balance
+    if lower_right and backend == "cudnn":  # on every rank, before the gather
+        raise ValueError(
+            "attention_backend='cudnn' under context parallelism needs the balanced layout "
+            "(parallel.attention_load_balance=true: square causal and full blocks only); "
+            "without it ranks r > 0 need a lower-right causal mask, which torch's cuDNN "
+            "attention does not align; or use attention_backend=auto or flash")
     if multi:
         r = torch.distributed.get_rank(group)
         k = all_gather_sequence(k, group, dim=1)
         v = all_gather_sequence(v, group, dim=1)
-        if not balance:
+        if not load_balance:
             k, v = k[:, : (r + 1) * T], v[:, : (r + 1) * T]
     if k.shape[2] != q.shape[2]:
         rep = q.shape[2] // k.shape[2]
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
-    if multi and balance:
-        from lsp.parallel.cp_attention import balanced_causal_attention
-
-        return balanced_causal_attention(q, k, v, group, overlap).transpose(1, 2)
-    S = k.shape[2]
-    if S == T:
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif _flash_ok(q, k, v):
-        # flash attention's causal mask is aligned lower-right when S > T (as torch's own
-        # ``causal_lower_right`` dispatch uses it); called directly because that CausalBias
-        # tensor subclass breaks under selective activation checkpointing's dispatch mode
-        o = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)[0]
-    else:  # CPU, or small fp32 on a GPU: materialised lower-right mask (query i sees j <= i+S-T)
-        _check_small_mask(q, S)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.transpose(1, 2)
-
-
-# The materialised path scores every (query, key) pair in memory; above this many scores on a GPU
-# it would run out of memory at long context, so it refuses instead of trying.
-_MASKED_GPU_MAX_SCORES = 1 << 28
-
-
-def _flash_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether flash attention takes these inputs. Checked with ``is_causal=False``, as torch's
-    ``causal_lower_right`` dispatch does: torch's check refuses ``is_causal`` with more keys than
-    queries (its ``is_causal`` means upper-left), while the flash op itself aligns lower-right."""
-    if not q.is_cuda:
-        return False
-    from torch.backends.cuda import SDPAParams, can_use_flash_attention
-
-    return can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, False))
-
-
-def _check_small_mask(q: Tensor, S: int) -> None:
-    B, H, T, d = q.shape
-    if q.is_cuda and B * H * T * S > _MASKED_GPU_MAX_SCORES:
-        raise ValueError(
-            f"softmax attention under context parallelism: flash attention does not take these "
-            f"inputs (dtype {q.dtype}, head_dim {d}, {T} queries over {S} keys), and the masked "
-            f"fallback would hold {B * H * T * S:,} scores; run in bf16/fp16 "
-            f"(train.precision=bf16) with head_dim a multiple of 8 up to 256")
+    # [B, H, T, d] views of the token-major tensors: every kernel here takes the strides, and
+    # returns its output token-major, so the transposes copy nothing
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if multi and load_balance:
+        return balanced_causal_attention(q, k, v, group, balance_overlap, backend).transpose(1, 2)
+    # ``auto`` with a lower-right mask: flash on every rank (rank 0's square block could take
+    # cuDNN, but one kernel for the layer on every rank keeps the ranks' numerics alike)
+    backend = resolve_backend(backend, [(q, k, True)],
+                              ("flash",) if lower_right else ("cudnn", "flash"))
+    return BlockAttention.apply(q, k, v, True, backend).transpose(1, 2)
 
 
 class SoftmaxAttention(nn.Module):
@@ -118,7 +108,9 @@ class SoftmaxAttention(nn.Module):
 
     Args:
         hidden_size, num_heads, head_dim: widths; num_kv_heads: K/V heads (default
-            ``num_heads``; must divide it); rope_theta: rotary base; ctx, init_std, num_layers.
+            ``num_heads``; must divide it); rope_theta: rotary base; attention_backend: the
+            kernel, ``auto | cudnn | flash | math`` (see :func:`causal_attention`); ctx,
+            init_std, num_layers.
     """
 
     def __init__(
@@ -129,12 +121,17 @@ class SoftmaxAttention(nn.Module):
         *,
         num_kv_heads: int | None = None,
         rope_theta: float = 10000.0,
+        attention_backend: str = "auto",
         ctx: ParallelContext | None = None,
         init_std: float = 0.02,
         num_layers: int = 1,
     ):
         super().__init__()
+        if attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend={attention_backend!r} is not an attention "
+                             f"backend; use one of {BACKENDS}")
         self.ctx = ctx = ctx or ParallelContext()
+        self.backend = attention_backend
         H = num_heads
         Hkv = num_kv_heads or num_heads
         if H % Hkv:
@@ -162,9 +159,15 @@ class SoftmaxAttention(nn.Module):
         if cu_seqlens is not None:
             from lsp.layers.doc_attention import document_causal_attention
 
+            if self.backend in ("cudnn", "flash"):
+                raise ValueError(
+                    f"attention_backend={self.backend!r} does not take packed documents yet: "
+                    "document-causal attention runs the masked math form; use "
+                    "attention_backend=auto or math, or data.reset_state_at_document_boundaries"
+                    "=false")
             o = document_causal_attention(q, k, v, cu_seqlens, self.ctx.cp_group,
-                                          self.ctx.cp_attention_balance)
+                                          self.ctx.attention_load_balance)
         else:
-            o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.cp_attention_balance,
-                                 self.ctx.cp_attention_overlap)
+            o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.attention_load_balance,
+                                 self.ctx.attention_balance_overlap, self.backend)
         return self.o_proj(merge_heads(o)), None

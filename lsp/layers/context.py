@@ -66,9 +66,9 @@ class ParallelContext:
             collective per call); :meth:`sp_checks` switches it for one forward (a loop with
             static shapes checks its first step only).
         sp_num_blocks: All-Scan blocks (``None``: ``lsp.parallel``'s default).
-        cp_attention_balance: softmax attention under CP splits its work evenly over the ranks
+        attention_load_balance: softmax attention under CP splits its work evenly over the ranks
             (``lsp.parallel.cp_attention``) instead of each rank scoring its own queries.
-        cp_attention_overlap: with ``cp_attention_balance``, start the moved rows' exchange
+        attention_balance_overlap: with ``attention_load_balance``, start the moved rows' exchange
             before the rank's own blocks so that a pair works at once (see
             ``balanced_causal_attention``); off: own blocks first, then the exchange.
         exchange_timer: a ``lsp.parallel.sequence.ExchangeTimer`` that adds up the state
@@ -83,15 +83,15 @@ class ParallelContext:
     params_dtype: torch.dtype = torch.float32
     sp_check: bool = True
     sp_num_blocks: int | None = None
-    cp_attention_balance: bool = False
-    cp_attention_overlap: bool = False
+    attention_load_balance: bool = False
+    attention_balance_overlap: bool = False
     exchange_timer: object | None = None
     ablate_incoming_state: bool = False
 
     def __post_init__(self):
-        if self.cp_attention_overlap and not self.cp_attention_balance:
-            raise ValueError("cp_attention_overlap=True overlaps the balanced attention's "
-                             "exchange; it needs cp_attention_balance=True "
+        if self.attention_balance_overlap and not self.attention_load_balance:
+            raise ValueError("attention_balance_overlap=True overlaps the balanced attention's "
+                             "exchange; it needs attention_load_balance=True "
                              "(parallel.attention_load_balance=true)")
         check_method(self.sp_method, "sp_method")
 
@@ -203,12 +203,14 @@ def document_rows(cu_seqlens, B: int) -> list[Tensor] | None:
     return rows
 
 
-def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, **kwargs) -> Tensor:
+def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, equal_lengths: bool = True,
+                **kwargs) -> Tensor:
     """Run ``op`` (``lsp.ops.linear_attention`` or ``lsp.ops.delta_rule``) on this rank's shard.
 
     With CP = 1 this is the op itself; with CP > 1 it is ``lsp.parallel.sequence_parallel`` over
     the CP group with the context's exchange method. Positional ``args`` are the op's tensors
-    (``q, k, v[, beta][, g]``), ``kwargs`` its keywords. Returns the local output only.
+    (``q, k, v[, beta][, g]``), ``kwargs`` its keywords; ``equal_lengths=False``: the ranks may
+    hold different numbers of tokens (``sequence_parallel``'s keyword). Returns the local output.
 
     ``cu_seqlens`` (see :func:`document_rows`): packed documents, the state reset at every
     boundary. At CP = 1 the rows are laid end to end into one packed call (a row start is a
@@ -221,6 +223,11 @@ def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, **kwargs) -> T
     args = (q.to(v.dtype), k.to(v.dtype), v) + tuple(args[3:])
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:
+        if not equal_lengths:
+            raise ValueError("packed documents (cu_seqlens) with unequal shard lengths (routed "
+                             "Mixture-of-Memories) are not supported yet; set "
+                             "model.mom_routed=false or data.reset_state_at_document_boundaries"
+                             "=false")
         return _packed_sequence_op(op, args, ctx, rows, kwargs)
     if ctx.cp_size == 1:
         out, _ = op(*args, **kwargs)
@@ -230,7 +237,8 @@ def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, **kwargs) -> T
     out, _ = sequence_parallel(op, *args, group=ctx.cp_group, method=ctx.sp_method,
                                num_blocks=ctx.sp_num_blocks, check=ctx.sp_check,
                                timer=ctx.exchange_timer,
-                               ablate_incoming_state=ctx.ablate_incoming_state, **kwargs)
+                               ablate_incoming_state=ctx.ablate_incoming_state,
+                               equal_lengths=equal_lengths, **kwargs)
     return out
 
 

@@ -6,11 +6,24 @@ Both take megatron's ``[T_local, B, D]`` (sequence-sharded over TP when TP > 1) 
 :class:`MoEFFN` is megatron's ``MoELayer``: top-k softmax router, the all-to-all token
 dispatcher over the expert-parallel group, SwiGLU experts (``SequentialMLP``; ``GroupedMLP``
 with ``grouped_gemm=True`` on GPUs where megatron's grouped GEMM is installed), an optional
-shared expert, dropless (no capacity factor). Experts are split over EP and never inside
+shared expert, dropless by default. Experts are split over EP and never inside
 (expert TP = 1), replicated over the other ranks. The router's per-sequence load-balancing
 loss (megatron's ``seq_aux_loss``: counts summed over the TP x CP ranks of a sequence) is
 returned to the caller instead of being injected into backward, so it reaches the total loss
 explicitly.
+
+Host synchronisation: dropless dispatch (``capacity_factor=None``) sizes every expert's token
+slice on the host, so megatron's alltoall dispatcher copies the per-expert counts to the host
+and waits for them once per MoE layer forward (its ``cuda_sync_point``; the experts then split
+their input with those sizes), and its unfused permute selects the routed tokens with
+``masked_select`` (a data-dependent output size: another wait). Neither can go without fixing
+the sizes in advance. ``capacity_factor`` does that: megatron's drop-and-pad dispatch
+(``moe_expert_capacity_factor`` with ``moe_pad_expert_input_to_capacity``) gives every expert
+``ceil(tokens * topk / num_experts * capacity_factor)`` rows, selected by sort rather than by
+mask, and its sync point is ``no_sync``. Tokens beyond an expert's capacity are dropped (lowest
+router probability first); ``capacity_factor = num_experts / topk`` gives every expert room for
+every token, so nothing is dropped and the result equals dropless dispatch, at
+``num_experts / topk`` times the expert FLOPs (padding rows carry router weight 0).
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ def transformer_config(
     moe_shared_expert_size: int | None = None,
     moe_aux_loss_coeff: float = 0.0,
     grouped_gemm: bool = False,
+    moe_capacity_factor: float | None = None,
 ):
     """The megatron ``TransformerConfig`` for the FFN blocks of this layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -73,6 +87,9 @@ def transformer_config(
             moe_grouped_gemm=grouped_gemm,
             moe_router_dtype="fp32",  # the router also runs outside autocast: see MoEFFN
         )
+        if moe_capacity_factor is not None:  # drop-and-pad dispatch: no host sync (module doc)
+            moe.update(moe_expert_capacity_factor=moe_capacity_factor,
+                       moe_pad_expert_input_to_capacity=True, moe_token_drop_policy="probs")
     return TransformerConfig(
         num_layers=1,
         hidden_size=hidden_size,
@@ -192,12 +209,16 @@ class MoEFFN(nn.Module):
         hidden_size; num_experts (divisible by EP); topk; ffn_hidden_size: per expert;
         shared_expert_size: width of an always-on shared expert (``None``: none);
         aux_loss_coeff; grouped_gemm: megatron ``GroupedMLP`` experts (GPU only);
+        capacity_factor: ``None`` dropless (exact; a host sync per layer), else megatron's
+            drop-and-pad dispatch at this capacity factor, in ``(0, num_experts / topk]``
+            (no host sync; the upper end drops nothing; see the module doc);
         ctx: layout (a topology is required: megatron's MoE needs process groups).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, topk: int, ffn_hidden_size: int,
                  ctx: ParallelContext, *, shared_expert_size: int | None = None,
                  aux_loss_coeff: float = 0.01, grouped_gemm: bool = False,
+                 capacity_factor: float | None = None,
                  init_std: float = 0.02, num_layers: int = 1):
         super().__init__()
         from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
@@ -218,6 +239,14 @@ class MoEFFN(nn.Module):
             )
         if not 1 <= topk <= num_experts:
             raise ValueError(f"moe topk={topk} must lie in [1, num_experts={num_experts}]")
+        if capacity_factor is not None and not 0 < capacity_factor <= num_experts / topk:
+            # above num_experts / topk the capacity exceeds the tokens, which megatron's padded
+            # permute cannot fill
+            raise ValueError(
+                f"moe capacity_factor={capacity_factor} must lie in (0, num_experts / topk = "
+                f"{num_experts / topk:g}] ({num_experts / topk:g}: no token dropped), or be "
+                f"None for dropless dispatch"
+            )
         if grouped_gemm and not grouped_gemm_available():
             raise ValueError(
                 "grouped_gemm=True needs CUDA and megatron's grouped GEMM (pip install "
@@ -227,6 +256,7 @@ class MoEFFN(nn.Module):
             ctx, hidden_size, ffn_hidden_size, num_experts=num_experts, moe_topk=topk,
             moe_ffn_hidden_size=ffn_hidden_size, moe_shared_expert_size=shared_expert_size,
             moe_aux_loss_coeff=aux_loss_coeff, grouped_gemm=grouped_gemm,
+            moe_capacity_factor=capacity_factor,
         )
         experts = (ModuleSpec(module=GroupedMLP) if grouped_gemm
                    else ModuleSpec(module=SequentialMLP, submodules=_mlp_spec()))
@@ -272,9 +302,9 @@ def release_graph_refs(*objects) -> None:
 
     Such an attribute keeps the whole graph of the layer's last forward alive. Under activation
     checkpointing that is the graph of the *recomputation*, so every block's recomputed
-    activations stayed alive until the next step's forward overwrote the attribute: at 32K
-    tokens the 400M model's step peaked at 54 GB instead of ~10. The forward sets them again
-    before use, and backward does not read them (autograd holds what it needs).
+    activations stayed alive until the next step's forward overwrote the attribute, and
+    checkpointing saved no memory. The forward sets them again before use, and backward does
+    not read them (autograd holds what it needs).
     """
     for obj in objects:
         for name, val in list(vars(obj).items()):

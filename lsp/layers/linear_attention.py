@@ -1,5 +1,5 @@
-"""Linear attention with the decay choices of DESIGN.md §1 (fla's ``LinearAttention``,
-``SimpleGatedLinearAttention`` and ``GatedLinearAttention`` in one layer).
+"""Linear attention with the decay choices of docs/design.md, Transition kinds (fla's
+``LinearAttention``, ``SimpleGatedLinearAttention`` and ``GatedLinearAttention`` in one layer).
 
 Per head, with feature-mapped (and optionally normalised) queries and keys:
 

@@ -14,6 +14,14 @@ here runs over the sequence in token order before routing). Every memory has the
 so the ``M (+1)`` memories are stacked along the head axis and cross CP ranks in one packed
 ``sequence_parallel`` exchange (``M + 1`` state pairs per head).
 
+``routed=True`` runs each routed memory over the tokens routed to it only, gathered in order
+(the shared memory still sees every token): the op's work drops from ``M + 1`` to about
+``topk + 1`` passes over the sequence. The gathered batch is padded to the longest memory's
+count with non-routed tokens, whose ``beta = 0, log a = 0`` leave the state alone and whose
+router weight is 0, so the result equals the dense form. That length is data-dependent: one
+host sync per layer call reads it (``int(count.max())``), and under CP each rank has its own,
+so the exchange runs with ``equal_lengths=False`` (it moves only states).
+
 ``memory_checkpointing=True`` runs the memories one after another instead, each under its own
 activation checkpoint that returns the memory's weighted output: a backward then holds one
 memory's activations at a time, not ``M + 1`` (the dense form's ``M + 1`` copies of k, v, the
@@ -62,7 +70,8 @@ class MixtureOfMemories(nn.Module):
         hidden_size, num_heads, head_dim, expand_v: widths as in Gated DeltaNet.
         num_memories: ``M``; topk: memories per token; shared_memory: add a memory that every
             token updates; aux_loss_coeff: load-balancing loss weight (0 disables it);
-            memory_checkpointing: one memory at a time, each checkpointed (see module doc).
+            memory_checkpointing: one memory at a time, each checkpointed (see module doc);
+            routed: each routed memory over its own tokens only (see module doc).
         use_short_conv, conv_size, use_output_gate, norm_eps, ctx, init_std, num_layers: as in
             Gated DeltaNet (q projection, convolutions, ``A_log``/``dt_bias``, norm and output
             are shared by the memories, as in fla).
@@ -79,6 +88,7 @@ class MixtureOfMemories(nn.Module):
         shared_memory: bool = True,
         aux_loss_coeff: float = 0.01,
         memory_checkpointing: bool = False,
+        routed: bool = False,
         expand_v: float = 1.0,
         use_short_conv: bool = True,
         conv_size: int = 4,
@@ -99,7 +109,7 @@ class MixtureOfMemories(nn.Module):
         self.dk, self.dv = head_dim, int(head_dim * expand_v)
         self.M, self.topk, self.shared = num_memories, topk, shared_memory
         self.aux_loss_coeff = aux_loss_coeff
-        self.memory_checkpointing = memory_checkpointing
+        self.memory_checkpointing, self.routed = memory_checkpointing, routed
         self.use_short_conv, self.use_output_gate = use_short_conv, use_output_gate
         init = normal_init(init_std)
         self.router = replicated_parameter((num_memories, D), ctx, init)
@@ -182,10 +192,48 @@ class MixtureOfMemories(nn.Module):
     def _memory(self, m: int, xb: Tensor, q: Tensor, mask: Tensor, w: Tensor | None,
                 cu_seqlens=None) -> Tensor:
         """Memory ``m`` over all tokens (``mask [B, T, 1]``: its routing), times its router
-        weight ``w [B, T]`` (``None``: the shared memory). Returns ``[B, T, h, dv]``."""
+        weight ``w [B, T]`` (``None``: the shared memory), or over its routed tokens only when
+        ``routed``. Returns ``[B, T, h, dv]``."""
+        if self.routed and w is not None:
+            return self._gathered(xb, q, mask, w.unsqueeze(-1), [m])
         o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, [m], cu_seqlens),
                         ctx=self.ctx, cu_seqlens=cu_seqlens)
         return o if w is None else o * w[..., None, None].to(o.dtype)
+
+    def _gathered(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
+                  idx: list[int]) -> Tensor:
+        """Memories ``idx``, each over the tokens routed to it only (``mask [B, T, n]`` its
+        routing, ``weights [B, T, n]`` its mixing weights), stacked along the head axis and
+        padded to the longest count; returns their weighted sum ``[B, T, h, dv]``."""
+        h, dv, n = self.h, self.dv, len(idx)
+        B, T = xb.shape[:2]
+        routed = mask.bool()
+        count = routed.sum(1)  # [B, n]
+        L = int(count.max())  # host sync: the gathered length sizes the op's inputs
+        pos = torch.arange(T, device=xb.device)[None, :, None]
+        # each memory's routed positions first, in token order, then the others (padding)
+        order = torch.where(routed, pos, pos + T).argsort(dim=1)[:, :L]  # [B, L, n]
+        heads = order.unsqueeze(-1).expand(B, L, n, h).reshape(B, L, n * h)
+
+        def take(t: Tensor) -> Tensor:  # [B, T, n h, ...] -> [B, L, n h, ...]
+            ix = heads.view(B, L, n * h, *([1] * (t.dim() - 3))).expand(B, L, *t.shape[2:])
+            return t.gather(1, ix)
+
+        inputs = self._inputs(xb, q, mask, idx)  # padding tokens: beta = 0, log a = 0
+        o = sequence_op(ops.delta_rule, *(take(t) for t in inputs), ctx=self.ctx,
+                        equal_lengths=False).reshape(B, L, n, h, dv)
+        w = weights.gather(1, order)  # 0 at padding tokens (not routed: off the top-k)
+        contrib = (o * w[..., None, None].to(o.dtype)).reshape(B, L * n, h, dv)
+        at = order.reshape(B, L * n, 1, 1).expand(B, L * n, h, dv)
+        return o.new_zeros(B, T, h, dv).scatter_add(1, at, contrib)
+
+    def _routed_memories(self, xb: Tensor, q: Tensor, mask: Tensor,
+                         weights: Tensor) -> Tensor:
+        """The routed memories over their own tokens (one op call), plus the shared memory."""
+        out = self._gathered(xb, q, mask[..., : self.M], weights, list(range(self.M)))
+        if self.shared:
+            out = out + self._memory(self.M, xb, q, mask[..., self.M:], None)
+        return out
 
     def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
                       cu_seqlens=None) -> Tensor:
@@ -205,6 +253,11 @@ class MixtureOfMemories(nn.Module):
         """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``.
         ``cu_seqlens``: packed documents; every memory resets at each boundary (a memory's
         state is a delta-rule state like any other; routing itself keeps no state)."""
+        if self.routed and cu_seqlens is not None:
+            raise ValueError("model.mom_routed=true does not take packed documents yet (the "
+                             "gathered tokens of a memory would cross document boundaries); set "
+                             "model.mom_routed=false or data.reset_state_at_document_boundaries"
+                             "=false")
         ctx, dk, dv = self.ctx, self.dk, self.dv
         weights, mask, aux = self.route(x)
         routing = ctx.enter_tp(torch.cat([weights, mask], dim=-1)).transpose(0, 1)  # [B, T, 2M]
@@ -228,6 +281,8 @@ class MixtureOfMemories(nn.Module):
                 else:
                     o = self._memory(m, xb, q, mask[..., m:m + 1], w, cu_seqlens)
                 out = o if out is None else out + o
+        elif self.routed:
+            out = self._routed_memories(xb, q, mask, weights)
         else:
             out = self._all_memories(xb, q, mask, weights, cu_seqlens)
         gate = split_heads(self.g_proj(xb), dv) if self.use_output_gate else None

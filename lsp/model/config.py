@@ -9,6 +9,7 @@ from lsp.layers.context import local_heads
 from lsp.layers.conv import CONV_BACKENDS
 from lsp.layers.linear_attention import DECAYS, QK_NORMS
 from lsp.layers.symbols import Symbols
+from lsp.parallel.cp_attention import BACKENDS as ATTENTION_BACKENDS
 
 __all__ = ["ModelConfig", "MIXER_LETTERS", "FFN_LETTERS", "check_sequence"]
 
@@ -54,11 +55,13 @@ class ModelConfig:
     mom_shared_memory: bool = True
     mom_aux_loss_coeff: float = 0.01
     mom_memory_checkpointing: bool = False  # one memory at a time, each checkpointed (long context)
+    mom_routed: bool = False  # each memory over its routed tokens only (one host sync per layer)
     conv_checkpointing: bool = False  # short convolutions keep only their input (long context)
     conv_backend: str = "torch"  # short convolutions: torch (conv1d) | triton (lsp.kernels.conv, [B,T,C] in place)
     # SoftmaxAttention ('S')
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0
+    attention_backend: str = "auto"  # auto | cudnn | flash | math (cp_attention.resolve_backend)
     # feed-forward
     ffn_hidden_size: int = 512
     num_experts: int = 0
@@ -67,6 +70,7 @@ class ModelConfig:
     moe_shared_expert_size: int | None = None
     moe_aux_loss_coeff: float = 0.01
     moe_grouped_gemm: bool = False
+    moe_capacity_factor: float | None = None  # None: dropless; else drop-and-pad, no host sync
     # residual stream: float32 under bf16 autocast (default), or in the autocast dtype as in
     # Megatron-LM without --fp32-residual-connection (halves the activations that checkpointing
     # keeps: 2 bytes per token and hidden unit per block)
@@ -138,6 +142,10 @@ class ModelConfig:
                                      ("conv_backend", self.conv_backend, CONV_BACKENDS)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r}: use one of {choices}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend={self.attention_backend!r}: use one of "
+                             f"{ATTENTION_BACKENDS} (auto: cuDNN where torch has it, else flash; "
+                             "math on the CPU)")
         if (Symbols.MIXTURE_OF_MEMORIES in self.pattern
                 and not 1 <= self.mom_topk <= self.mom_num_memories):
             raise ValueError(f"mom_topk={self.mom_topk} must lie in [1, mom_num_memories="

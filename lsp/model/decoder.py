@@ -65,9 +65,11 @@ _MIXER_KWARGS = {
     Symbols.MIXTURE_OF_MEMORIES: lambda cfg: dict(
         num_memories=cfg.mom_num_memories, topk=cfg.mom_topk,
         shared_memory=cfg.mom_shared_memory, aux_loss_coeff=cfg.mom_aux_loss_coeff,
-        memory_checkpointing=cfg.mom_memory_checkpointing, **_recurrent(cfg)),
+        memory_checkpointing=cfg.mom_memory_checkpointing, routed=cfg.mom_routed,
+        **_recurrent(cfg)),
     Symbols.SOFTMAX_ATTENTION: lambda cfg: dict(num_kv_heads=cfg.num_kv_heads,
-                                                rope_theta=cfg.rope_theta),
+                                                rope_theta=cfg.rope_theta,
+                                                attention_backend=cfg.attention_backend),
 }
 
 
@@ -98,7 +100,8 @@ class Block(nn.Module):
                               cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size, ctx,
                               shared_expert_size=cfg.moe_shared_expert_size,
                               aux_loss_coeff=cfg.moe_aux_loss_coeff,
-                              grouped_gemm=cfg.moe_grouped_gemm, **common)
+                              grouped_gemm=cfg.moe_grouped_gemm,
+                              capacity_factor=cfg.moe_capacity_factor, **common)
 
     def forward(self, x: Tensor, cu_seqlens=None) -> tuple[Tensor, Tensor | None]:
         with torch.profiler.record_function(self.label):

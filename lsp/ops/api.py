@@ -1,4 +1,4 @@
-"""The two public ops (docs/design.md, "public contract") and their backend choice.
+"""The two public ops (docs/design.md, The op contract) and their backend choice.
 
 Each op is ``bind`` (parse and check the arguments once, giving a validated
 :class:`lsp.parallel.contract.OpCall`) followed by ``run`` (dispatch to the backend without

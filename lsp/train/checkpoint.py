@@ -281,6 +281,8 @@ class Checkpointer:
         self.run_dir, self.interval, self.keep_last = run_dir, save_interval, keep_last
         self.resume_from = find_checkpoint(run_dir, resume)
         self.topo, self.meta = topo, meta
+        self.last_saved: Path | None = self.resume_from
+        """The newest checkpoint of this run: the one resumed from, then each one saved."""
 
     def resume(self, model, optimizer) -> int:
         """Load the checkpoint to resume from into ``model`` and ``optimizer``; its step, or 0."""
@@ -301,6 +303,8 @@ class Checkpointer:
 
     def save(self, step: int, model, optimizer) -> Path | None:
         """Collective: every rank calls it."""
-        return save_checkpoint(self.run_dir, step, model, optimizer, self.topo,
+        path = save_checkpoint(self.run_dir, step, model, optimizer, self.topo,
                                {**self.meta, "samples_consumed": step * self.meta["global_batch"]},
                                keep_last=self.keep_last)
+        self.last_saved = Path(self.run_dir) / "checkpoints" / f"step_{step:08d}"
+        return path

@@ -130,7 +130,14 @@ class ParallelConfig:
     nproc: int | None = None
     """Processes a plain ``lsp-train`` (no launcher) spawns; default ``tp * cp``."""
     timeout_s: float = 600
-    """Collective timeout: a dead rank makes the others fail after this."""
+    """The job ends if a rank hangs for longer than this. With more than one rank it bounds
+    every loop iteration (the step with its collectives, logging, evaluation and checkpoint)
+    and the final barrier: a rank still inside one after ``timeout_s`` prints every thread's
+    Python stack and exits with status 124, and the launcher ends the rest (lsp-train's own
+    spawning SIGTERMs them, SIGKILL 3 s later; torchrun and mpirun stop a job whose rank exits
+    non-zero). It is also the process group's timeout (start-up rendezvous, and NCCL collectives,
+    which tear the process down on it). Set it above the slowest iteration, the first (compiling
+    kernels) and checkpoint saves included: a legitimately slow one is ended too."""
     ablate_incoming_state: bool = False
     """Diagnostic: drop the recurrent state arriving from earlier CP ranks (wrong by design)."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,20 @@ def global_grad_norm(model, topo) -> torch.Tensor:
     return sq.sqrt()
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a step is not finite. Raised before the optimizer step
+    on every rank alike (both are global values), so the weights stay finite and no checkpoint
+    with them is written; the last checkpoint is the last good state."""
+
+
 @dataclass
 class StepResult:
-    """What one optimizer step reports (losses are global values)."""
+    """What one optimizer step reports (global values)."""
 
     loss: float
     aux_loss: float
     lr: float
-    grad_norm: torch.Tensor
+    grad_norm: float
 
 
 def _autocast(device: torch.device, precision: str):
@@ -108,8 +115,8 @@ class Trainer:
                                layout.world, self.device, par.cp)
         self.ctx = ParallelContext(
             topo, sp_method=par.sp_method, backend=par.op_backend,
-            cp_attention_balance=par.attention_load_balance,
-            cp_attention_overlap=par.attention_balance_overlap,
+            attention_load_balance=par.attention_load_balance,
+            attention_balance_overlap=par.attention_balance_overlap,
             exchange_timer=self.meter.exchange_timer,
             ablate_incoming_state=par.ablate_incoming_state)
         self.model = DecoderLM(run.model, self.ctx).to(self.device)
@@ -131,7 +138,13 @@ class Trainer:
         self.evaluator = Evaluator(run, topo, self.device, self.autocast)
         self.profiler = StepProfiler(tr.profile_step, self.run_dir, self.rank, self.device)
         self.logger = RunLogger(str(self.run_dir), enabled=self.rank == 0,
-                                tensorboard=run.log.tensorboard)
+                                tensorboard=run.log.tensorboard, resume_step=self.start_step)
+        self.deadline = None
+        if layout.world > 1:  # parallel.timeout_s: a rank stuck in a step ends the job
+            from lsp.train.watchdog import StepWatchdog
+
+            self.deadline = StepWatchdog(par.timeout_s, f" (rank {self.rank})", fatal=True,
+                                         what=f"parallel.timeout_s={par.timeout_s:g} s")
         self.watchdog = None
         if tr.watchdog_s:  # a step slower than this prints every thread's stack (hangs)
             from lsp.train.watchdog import StepWatchdog
@@ -162,7 +175,9 @@ class Trainer:
                    total_steps=tr.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        lm_loss = aux_loss = 0.0
+        # the losses add up on the device (float64, as Python floats would) and are read
+        # together with the gradient norm: one host sync per step, which also checks them
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for m in range(accum):
             batch = self.sampler.micro_batch_at(step, m, topo.cp_rank, topo.cp).to(self.device)
             loss_mask = ((batch.labels != IGNORE_INDEX).float()
@@ -172,10 +187,13 @@ class Trainer:
                             cu_seqlens=batch.cu_seqlens)
             self.profiler.mark_forward(m)
             (out.loss / accum).backward()
-            lm_loss += float(out.lm_loss) / accum
-            aux_loss += (0.0 if out.aux_loss is None else float(out.aux_loss)) / accum
+            sums[0] += out.lm_loss.detach().double() / accum
+            if out.aux_loss is not None:
+                sums[1] += out.aux_loss.detach().double() / accum
         reduce_gradients(model, topo)
         gnorm = global_grad_norm(model, topo)
+        lm_loss, aux_loss, gnorm_value = torch.cat([sums, gnorm.double().view(1)]).tolist()
+        self._check_finite(step + 1, lm_loss=lm_loss, aux_loss=aux_loss, grad_norm=gnorm_value)
         if tr.clip_grad > 0:
             coef = (tr.clip_grad / (gnorm + 1e-6)).clamp(max=1.0)
             for p in model.parameters():
@@ -183,12 +201,35 @@ class Trainer:
                     p.grad.mul_(coef.to(p.grad.dtype))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(lm_loss, aux_loss, lr, gnorm)
+        return StepResult(lm_loss, aux_loss, lr, gnorm_value)
+
+    def _check_finite(self, done: int, **values: float) -> None:
+        """Stop before the optimizer step when a (global) loss or gradient norm is not finite."""
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if not bad:
+            return
+        names = {"lm_loss": "the loss", "aux_loss": "the auxiliary (MoE) loss",
+                 "grad_norm": "the gradient norm"}
+        what = ", ".join(f"{names[k]} is {v}" for k, v in bad.items())
+        last = self.checkpointer.last_saved
+        kept = (f"the last checkpoint ({last}) holds the last good state" if last
+                else "no checkpoint was written")
+        raise NonFiniteError(
+            f"lsp-train: step {done}: {what} (not finite); stopped before the optimizer step, so "
+            f"no weights were updated with it and {kept}. Look for the cause (learning rate, "
+            "data, precision), then resume from the checkpoint or start again")
 
     def _watch(self, step: int):
         if self.watchdog is None:
             return contextlib.nullcontext()
         return self.watchdog.watching(step)
+
+    def _within_deadline(self, step):
+        """The iteration (step, logging, evaluation, checkpoint) must end within
+        ``parallel.timeout_s`` or the rank dumps its stacks and exits (see ParallelConfig)."""
+        if self.deadline is None:
+            return contextlib.nullcontext()
+        return self.deadline.watching(step)
 
     def fit(self) -> dict | None:
         """Train from the resumed step to ``stop_after_step`` (or ``steps``); rank 0 returns the
@@ -197,33 +238,48 @@ class Trainer:
         history = []
         stop_at = min(tr.steps, tr.stop_after_step or tr.steps)
         self.meter.restart()
-        for step in range(self.start_step, stop_at):
-            done = step + 1
-            # the ranks check that their sequence-parallel calls agree on the first step only:
-            # shapes are static from then on, and the check is a collective (a host sync on NCCL)
-            with self._watch(done), self.profiler.around(done), \
-                    self.ctx.sp_checks(step == self.start_step):
-                result = self.train_step(step)
-            self.meter.step_done()
-            if done % tr.log_interval == 0 or done == tr.steps:
-                row = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": result.lr,
-                       "grad_norm": float(result.grad_norm), **self.meter.row()}
-                if self.evaluator.should_evaluate(done):
-                    row.update(self.evaluator.evaluate(self.model))
-                history.append({"step": done, **row})
-                self.logger.log(done, row)
-                self.meter.restart()
-            if self.checkpointer.should_save(done):
-                self.checkpointer.save(done, self.model, self.optimizer)
-                self.meter.restart()  # keep checkpoint time out of the step timing
-        return self._finish(history)
+        try:
+            for step in range(self.start_step, stop_at):
+                done = step + 1
+                with self._within_deadline(done):
+                    self._iteration(step, done, history)
+            with self._within_deadline("end (summary and final barrier)"):
+                return self._finish(history)
+        finally:
+            self.close()
 
-    def _finish(self, history: list) -> dict | None:
+    def close(self) -> None:
+        """Stop the collaborators' threads and files and tear the topology down; runs however
+        the run ends (an error too), so a process that trains again starts clean."""
         from lsp.parallel.topology import destroy_topology
 
         self.logger.close()
-        if self.watchdog is not None:
-            self.watchdog.close()
+        for thread in (self.watchdog, self.deadline):
+            if thread is not None:
+                thread.close()
+        destroy_topology()
+
+    def _iteration(self, step: int, done: int, history: list) -> None:
+        tr = self.run.train
+        # the ranks check that their sequence-parallel calls agree on the first step only:
+        # shapes are static from then on, and the check is a collective (a host sync on NCCL)
+        with self._watch(done), self.profiler.around(done), \
+                self.ctx.sp_checks(step == self.start_step):
+            result = self.train_step(step)
+        self.meter.step_done()
+        if done % tr.log_interval == 0 or done == tr.steps:
+            row = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": result.lr,
+                   "grad_norm": result.grad_norm, **self.meter.row()}
+            if self.evaluator.should_evaluate(done):
+                row.update(self.evaluator.evaluate(self.model))
+            history.append({"step": done, **row})
+            self.logger.log(done, row)
+            self.meter.restart()
+        if self.checkpointer.should_save(done):
+            self.checkpointer.save(done, self.model, self.optimizer)
+            self.meter.restart()  # keep checkpoint time out of the step timing
+
+    def _finish(self, history: list) -> dict | None:
         summary = None
         if self.rank == 0:
             dev = self.device
@@ -236,10 +292,16 @@ class Trainer:
             path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1))
             os.replace(path.with_suffix(".tmp"), path)
         dist.barrier()
-        destroy_topology()
         return summary
 
 
 def train(run: RunConfig, layout: RunLayout | None = None) -> dict | None:
     """Run the configured training on this rank; rank 0 returns a summary dict."""
-    return Trainer(run, layout or run.resolve(dist.get_world_size())).fit()
+    from lsp.parallel.topology import destroy_topology
+
+    try:
+        trainer = Trainer(run, layout or run.resolve(dist.get_world_size()))
+    except BaseException:  # e.g. a checkpoint that does not fit: leave no topology behind
+        destroy_topology()
+        raise
+    return trainer.fit()

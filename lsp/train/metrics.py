@@ -1,8 +1,10 @@
 """Run logging on rank 0: a progress line, TensorBoard scalars and ``metrics.jsonl``.
 
 Every logged step writes the same fields to TensorBoard (``train/<field>``) and as one JSON line
-to ``<run_dir>/metrics.jsonl``; the file is appended to on resume, so a resumed run's lines
-continue the uninterrupted run's.
+to ``<run_dir>/metrics.jsonl``. The file holds one row per step: a run resumed from step ``N``
+first drops the rows after ``N`` (steps a crashed run logged past its last checkpoint, which the
+resumed run replays), then appends, so its lines continue the uninterrupted run's; TensorBoard's
+``purge_step`` does the same for the events.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import sys
 class RunLogger:
     """Rank-0 logger; on other ranks every method is a no-op."""
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -25,8 +28,11 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"),
+                                        purge_step=resume_step + 1)
+        path = os.path.join(run_dir, "metrics.jsonl")
+        _drop_rows_after(path, resume_step)
+        self.jsonl = open(path, "a", buffering=1)
 
     def log(self, step: int, fields: dict) -> None:
         if not self.enabled:
@@ -51,3 +57,25 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the rows of steps after ``step``, if it has any."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash mid-write
+        if row_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

@@ -52,9 +52,9 @@ def replay_routing(fn, replays):
 
     Without it the recomputation chooses experts anew, and a near tie that an ulp of difference
     flips (1M tokens x 8 experts has many) changes the tokens per expert: torch's checkpoint
-    then fails with "Recomputed values ... have different metadata" (seen at 1M tokens on 2
-    GPUs with the All-Gather exchange), and a reentrant checkpoint would silently backpropagate
-    through a routing the forward never used. The replay keeps the forward's experts; their
+    then fails with "Recomputed values ... have different metadata", and a reentrant
+    checkpoint would silently backpropagate through a routing the forward never used. The
+    replay keeps the forward's experts; their
     weights are recomputed from the router's logits as usual (``lsp.layers.ffn.
     checkpoint_routing_replay``).
     """

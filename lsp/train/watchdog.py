@@ -1,5 +1,12 @@
 """A step watchdog: when a training step runs longer than ``seconds``, print every thread's Python
-stack to stderr (again every ``seconds`` while it lasts), to see where a rank hangs.
+stack to stderr (again every ``seconds`` while it lasts), to see where a rank hangs; with
+``fatal=True`` (the ``parallel.timeout_s`` deadline) it then ends the process with status
+:data:`DEADLINE_EXIT`, so that the launcher ends the other ranks.
+
+The deadline is a thread rather than the process group's timeout because gloo's point-to-point
+waits (``batch_isend_irecv(...).wait()``) do not honour that timeout: a rank whose peer is
+stopped waits there for ever. ``os._exit`` because a rank blocked in C++ never returns to Python
+to raise an exception.
 
 A daemon thread reads the stacks with ``sys._current_frames()`` under the GIL. (``faulthandler``'s
 ``dump_traceback_later`` reads other threads' frames without the GIL and crashed a test process
@@ -9,23 +16,28 @@ blocked in a collective or a CUDA sync release it.
 
 from __future__ import annotations
 
-import sys
 import contextlib
+import os
+import sys
 import threading
 import time
 import traceback
 
-__all__ = ["StepWatchdog"]
+__all__ = ["StepWatchdog", "DEADLINE_EXIT"]
+
+DEADLINE_EXIT = 124
+"""Exit status of a rank ended by the deadline (as coreutils' ``timeout``)."""
 
 
 class StepWatchdog:
     """``arm(step)`` at the start of a step, ``disarm()`` at its end; ``close()`` stops the
     thread. Output goes to ``sys.stderr`` as it is at the time of the dump."""
 
-    def __init__(self, seconds: float, label: str = ""):
+    def __init__(self, seconds: float, label: str = "", fatal: bool = False, what: str = ""):
         if seconds <= 0:
             raise ValueError(f"watchdog seconds={seconds}: use a positive number or leave it off")
-        self.seconds, self.label = float(seconds), label
+        self.seconds, self.label, self.fatal = float(seconds), label, fatal
+        self.what = what or f"{self.seconds:g} s"
         self._deadline: float | None = None
         self._step = None
         self._cv = threading.Condition()
@@ -68,12 +80,16 @@ class StepWatchdog:
                     self._cv.wait(timeout=left)
                     continue
                 self._dump()
+                if self.fatal:
+                    os._exit(DEADLINE_EXIT)
                 self._deadline = time.monotonic() + self.seconds
 
     def _dump(self) -> None:
         names = {t.ident: t.name for t in threading.enumerate()}
-        lines = [f"lsp watchdog{self.label}: step {self._step} has run over {self.seconds:g} s; "
-                 "stacks (most recent call last):"]
+        kind = "deadline" if self.fatal else "watchdog"
+        lines = [f"lsp {kind}{self.label}: step {self._step} has run over {self.what}; "
+                 + (f"exiting with status {DEADLINE_EXIT}; " if self.fatal else "")
+                 + "stacks (most recent call last):"]
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lsp.kernels.kinds import Gate
+from lsp.kernels.kinds import Gate, clamp_full_forget
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -164,7 +164,8 @@ def chunk_recurrence(
     qc = to_chunks(q.to(ct) * scale, chunk_size)  # [B,H,N,C,K]
     kc = to_chunks(k.to(ct), chunk_size)
     vc = to_chunks(v.to(ct), chunk_size)  # [B,H,N,C,V]
-    gates = ChunkGates(None if g is None else to_chunks(g.to(ct), chunk_size))
+    # clamp_full_forget: g = -inf (a full forget) is exact, not NaN (lsp.kernels.kinds)
+    gates = ChunkGates(None if g is None else to_chunks(clamp_full_forget(g.to(ct)), chunk_size))
     N = qc.shape[2]
 
     if beta is None:

@@ -29,6 +29,30 @@ def _check_tensor(op: str, name: str, x: object, layout: str) -> Tensor:
     return x
 
 
+def check_log_gate(op: str, g: Tensor) -> None:
+    """Log-gates must be ``<= 0``; ``-inf`` (a full forget, a hard reset) is allowed.
+
+    ``exp(g)`` is the decay of the state per token: in ``(0, 1]`` for ``g <= 0`` and 0 for
+    ``-inf``. A positive ``g`` grows the state and overflows the chunkwise forms, which divide
+    cumulative decays. CPU tensors are checked here (no device to wait for). CUDA tensors get
+    ``torch._assert_async``: a device-side check queued on the stream, so the training step gets
+    no host sync; a violation fails the next synchronising call (the loop's loss read) with a
+    device-side assert, after which the CUDA context is unusable and the rank exits. NaN is not
+    rejected: like torch, NaN propagates (the training loop stops on a non-finite loss).
+    """
+    if g.is_cuda:
+        torch._assert_async(~(g > 0).any(),
+                            f"{op}: g has a positive entry; log-gates must be <= 0 (-inf allowed)")
+        return
+    positive = g > 0
+    if positive.any():
+        raise ValueError(
+            f"{op}: g has {int(positive.sum())} positive entries (max {g.max().item():g}); "
+            "log-gates must be <= 0 (a decay exp(g) in (0, 1]; -inf is a full forget): use "
+            "e.g. F.logsigmoid(x) or -F.softplus(x)"
+        )
+
+
 def check_inputs(
     op: str,
     q: object,
@@ -92,6 +116,7 @@ def check_inputs(
             )
         if g.device != q.device:
             raise ValueError(f"{op}: g is on {g.device} but q is on {q.device}; move it to {q.device}")
+        check_log_gate(op, g)
 
     if needs_beta:
         if beta is None:

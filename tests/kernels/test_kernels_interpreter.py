@@ -1,0 +1,258 @@
+"""The Triton kernels (``lsp.kernels``) under Triton's CPU interpreter, against the float64 oracle.
+
+Every family and gate kind, forward and backward (outputs, final state and the gradient of every
+input, the initial state included, with a gradient on the final state), at tiny shapes: ragged T,
+K != V, several chunk sizes and in-GPU sequence segments (the affine scan), float32 and float16.
+The interpreter cannot compute bfloat16 dot products (see ``lsp.kernels._check``); bfloat16 is
+checked on the GPU by ``launch/bench_kernels.py``.
+
+``TRITON_INTERPRET=1`` must be set when the kernels are decorated and while they run: this module
+sets it to import the kernel modules and restores it, and a fixture sets it again during each of
+its tests only, so the rest of the suite is unaffected.
+"""
+
+from __future__ import annotations
+
+from triton_env import interpreted
+
+with interpreted():
+    import lsp.kernels.common.chunk  # noqa: F401  (decorates every kernel for the interpreter)
+    from lsp.kernels.common import utils as kutils
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import lsp  # noqa: E402
+from lsp import kernels  # noqa: E402
+from lsp.testing import (  # noqa: E402
+    FAMILIES,
+    GATES,
+    call,
+    make_inputs,
+    naive_for,
+    op_args,
+    outputs_and_grads,
+    rel_err,
+    upcast,
+)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+KERNEL_OPS = {"linear_attention": kernels.linear_attention, "delta_rule": kernels.delta_rule}
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+
+
+def test_kernels_were_built_for_the_interpreter():
+    # fails loudly if another module imported lsp.kernels' kernels before TRITON_INTERPRET was set
+    assert kutils.interpreted()
+    assert kernels.unavailable_reason() is None and kernels.available()
+
+
+def check(family, args, tol, *, with_final=True, **kw):
+    """Kernel outputs and gradients vs the float64 per-token oracle; returns the errors."""
+    fn = KERNEL_OPS[family]
+    if with_final:
+        o, S, grads = outputs_and_grads(fn, args, **kw)
+        o_ref, S_ref, grads_ref = outputs_and_grads(naive_for(family), upcast(args))
+        assert S.dtype == torch.float32 and S.shape == S_ref.shape
+        errs = {"o": rel_err(o, o_ref), "S": rel_err(S, S_ref)}
+    else:
+        # no final state: the op returns None for it and the loss sees only the outputs
+        o, S = call(fn, args, **kw)
+        assert S is None
+        gen = torch.Generator().manual_seed(5)
+        do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        grads = dict(zip(args, torch.autograd.grad((o * do.to(o.dtype)).sum(), list(args.values()))))
+        ref = upcast(args)
+        o_ref, _ = call(naive_for(family), ref)
+        grads_ref = dict(zip(ref, torch.autograd.grad((o_ref * do).sum(), list(ref.values()))))
+        errs = {"o": rel_err(o, o_ref)}
+    assert o.dtype == args["v"].dtype and o.shape == o_ref.shape
+    for n, gr in grads.items():
+        assert gr.dtype == args[n].dtype and gr.shape == args[n].shape, n
+    errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads})
+    bad = {n: e for n, e in errs.items() if not e <= tol}  # `not <=` also catches NaN
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errs
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_oracle(family, gate):
+    # two 64-token chunks with a ragged tail, K != V, batch and heads > 1, an initial state
+    args = make_inputs(family, gate, B=2, T=70, H=2, K=32, V=16, dtype=torch.float32, seed=1)
+    check(family, args, TOL[torch.float32])
+
+
+# (chunk size, segments): many chunks per sequence, split into 2, 3 or 5 segments, so the pair
+# pass, the scan (forward and reverse) and the per-segment passes all run
+SPLITS = {"none": (16, 3), "head": (16, 5), "key": (32, 2)}
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequence_segments(family, gate):
+    chunk, segs = SPLITS[gate]
+    args = make_inputs(family, gate, B=1, T=69, H=2, K=16, V=32, dtype=torch.float32, seed=2)
+    check(family, args, TOL[torch.float32], chunk_size=chunk, num_segments=segs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_segments_do_not_change_the_result(family):
+    """Same inputs, 1 vs 4 segments: equal to float32 rounding (the scan is exact algebra)."""
+    args = make_inputs(family, "head", B=1, T=64, H=1, K=16, V=16, dtype=torch.float32, seed=4)
+    fn = KERNEL_OPS[family]
+    o1, S1, g1 = outputs_and_grads(fn, args, chunk_size=16, num_segments=1)
+    o4, S4, g4 = outputs_and_grads(fn, args, chunk_size=16, num_segments=4)
+    assert rel_err(o4, o1) < 1e-5 and rel_err(S4, S1) < 1e-5
+    assert all(rel_err(g4[n], g1[n]) < 1e-5 for n in g1)
+
+
+@pytest.mark.parametrize("gate", ["head", "key"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float16(family, gate):
+    args = make_inputs(family, gate, B=1, T=45, H=2, K=16, V=32, dtype=torch.float16, seed=3)
+    check(family, args, TOL[torch.float16], chunk_size=16, num_segments=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_state_in_or_out(family):
+    args = make_inputs(family, "head", B=1, T=33, H=2, K=16, V=16, dtype=torch.float32,
+                       with_state=False, seed=6)
+    check(family, args, TOL[torch.float32], with_final=False, chunk_size=16)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_token_and_wide_values(family):
+    """T = 1; V wider than one state block (two value blocks, the second ragged), K not 2^n."""
+    args = make_inputs(family, "none", B=1, T=1, H=1, K=16, V=16, dtype=torch.float32, seed=7)
+    check(family, args, TOL[torch.float32])
+    args = make_inputs(family, "key", B=1, T=20, H=1, K=24, V=80, dtype=torch.float32, seed=8)
+    check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
+
+
+@pytest.mark.parametrize("value", [0.0, -1000.0], ids=["no_decay", "g=-1000"])
+@pytest.mark.parametrize("gate", ["head", "key"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_gates(family, gate, value):
+    """Gates of 0 and of -1000 (every other token): finite, and close to the oracle. With
+    g=-1000 the cumulative gate reaches -3e4 inside a chunk, where float32 keeps differences of
+    neighbouring tokens to only ~1e-3 absolute (the torch path keeps it in float64; the kernels, like fla, in float32),
+    hence the looser bound there."""
+    args = make_inputs(family, gate, B=1, T=40, H=1, K=16, V=16, dtype=torch.float32, seed=9,
+                       gate_value=value)
+    check(family, args, 2e-5 if value == 0 else 1e-3, chunk_size=32, num_segments=1)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_delta_backward_in_key_blocks(gate, monkeypatch):
+    """The key-blocked WY backward (used for K > 128 on the GPU), forced here at K = 24 in blocks
+    of 16 (two blocks, the second ragged)."""
+    from lsp.kernels.common import chunk as kchunk
+
+    monkeypatch.setattr(kchunk, "WY_SINGLE_TILE_MAX_K", 16)
+    monkeypatch.setattr(kchunk, "WY_BLOCK_K", 16)
+    args = make_inputs("delta_rule", gate, B=1, T=40, H=2, K=24, V=16, dtype=torch.float32, seed=12)
+    check("delta_rule", args, TOL[torch.float32], chunk_size=16, num_segments=2)
+
+
+def test_state_augmentation_for_sequence_parallelism():
+    """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
+    in one call; the A block matches the delta rule's transition, here through linearity."""
+    family, K, V = "delta_rule", 16, 16
+    args = make_inputs(family, "head", B=1, T=37, H=1, K=K, V=V, dtype=torch.float32, seed=10)
+    q, k, v, beta, g = (args[n].detach() for n in ("q", "k", "v", "beta", "g"))
+    S0 = args["initial_state"].detach()
+    eye = torch.eye(K).expand(1, 1, K, K)
+    v_aug = torch.cat([v, torch.zeros(1, 37, 1, K)], dim=-1)
+    s_aug = torch.cat([torch.zeros_like(S0), eye], dim=-1)
+    o_aug, S_aug = kernels.delta_rule(q, k, v_aug, beta, g, initial_state=s_aug,
+                                      output_final_state=True, chunk_size=16, num_segments=2)
+    o_loc, B_loc = kernels.delta_rule(q, k, v, beta, g, output_final_state=True, chunk_size=16)
+    o_full, S_full = naive_for(family)(q.double(), k.double(), v.double(), beta.double(),
+                                       g.double(), initial_state=S0.double(),
+                                       output_final_state=True)
+    A = S_aug[..., V:]
+    assert rel_err(S_aug[..., :V], B_loc) < 1e-5
+    # S_end = A S0 + B and o = o_local + (q_hat-part) S0, with q_hat-part = o_aug[..., V:]
+    assert rel_err(A.double() @ S0.double() + B_loc.double(), S_full) < 1e-5
+    o_sp = o_loc.double() + torch.einsum("bthk,bhkv->bthv", o_aug[..., V:].double(), S0.double())
+    assert rel_err(o_sp, o_full) < 1e-5
+
+
+def test_public_ops_route_cpu_tensors_to_torch_and_refuse_triton():
+    args = make_inputs("delta_rule", "head", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
+    pos = [t.detach() for t in op_args(args)]
+    o_auto, _ = lsp.ops.delta_rule(*pos)  # auto: CPU tensors take the torch path
+    o_torch, _ = lsp.ops.delta_rule(*pos, backend="torch")
+    assert torch.equal(o_auto, o_torch)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        lsp.ops.delta_rule(*pos, backend="triton")
+
+
+def test_kernel_input_errors():
+    args = make_inputs("linear_attention", "none", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
+    q, k, v = (args[n].detach() for n in ("q", "k", "v"))
+    with pytest.raises(ValueError, match="float64"):
+        kernels.linear_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="interpreter computes bfloat16"):
+        kernels.linear_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with pytest.raises(ValueError, match="chunk_size=48"):
+        kernels.linear_attention(q, k, v, chunk_size=48)
+    big = torch.zeros(1, 2, 1, 512)
+    with pytest.raises(ValueError, match="K=512 is above"):
+        kernels.linear_attention(big, big, big[..., :16])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweep_slow(family, gate, chunk, dtype):
+    for T, segs in ((70, 1), (70, 2), (130, 3)):
+        args = make_inputs(family, gate, B=2, T=T, H=2, K=32, V=48, dtype=dtype, seed=T + chunk)
+        check(family, args, TOL[dtype], chunk_size=chunk, num_segments=segs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", [0.0, -30.0, -1000.0])
+@pytest.mark.parametrize("gate", ["head", "key"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_gates_slow(family, gate, value):
+    args = make_inputs(family, gate, B=1, T=70, H=2, K=16, V=16, dtype=torch.float32, seed=3,
+                       gate_value=value)
+    check(family, args, 2e-5 if value == 0 else 1e-3, num_segments=2)
+
+
+def test_grad_kernel_launch_warps(monkeypatch):
+    """``grad_kernel`` runs at 4 warps for BK <= 64 (8 above): its 8-warp sm_90 build at BK = 64
+    returned a wrong ``dw`` for gated delta rules on the H100 (``utils.grad_num_warps``)."""
+    from lsp.kernels.common import chunk as kchunk
+
+    seen = {}
+    orig = kchunk.launch
+
+    stages = {}
+
+    def spy(kernel, grid, *a, num_warps, **kw):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+        seen.setdefault(name, set()).add((kw.get("BK"), num_warps))
+        stages.setdefault(name, set()).add(kw.get("num_stages", 2))
+        return orig(kernel, grid, *a, num_warps=num_warps, **kw)
+
+    monkeypatch.setattr(kchunk, "launch", spy)
+    for K in (32, 64):
+        args = make_inputs("delta_rule", "head", 1, 20, 1, K, 16, dtype=torch.float32)
+        o, _ = kernels.delta_rule(*op_args(args))
+        o.sum().backward()
+    assert seen["grad_kernel"] == {(32, 4), (64, 4)}
+    for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike
+        assert seen[name] == {(32, 4), (64, 4)}, (name, seen[name])
+    assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8
+    # and unpipelined: its num_stages=2 sm_90 build returned a wrong dw (kchunk.GRAD_KERNEL_STAGES)
+    assert stages["grad_kernel"] == {1}

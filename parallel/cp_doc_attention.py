@@ -22,6 +22,16 @@ from torch import Tensor
 from lsp.parallel.cp_attention import _acc, _blocks, _exchange, _merge, balance_plan
 from lsp.parallel.packed import document_ids
 
+
+def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
+    """The merge of partials ``(out, lse)`` over disjoint key sets, as new tensors (the output
+    in ``dtype``); ``cp_attention._merge`` writes the same into given buffers."""
+    p0 = parts[0]
+    out = torch.empty(p0[0].shape, dtype=dtype, device=p0[0].device)
+    lse = torch.empty_like(p0[1])
+    _merge(parts, out, lse)
+    return out, lse
+
 __all__ = ["balanced_document_attention", "masked_forward", "masked_backward"]
 
 
@@ -93,7 +103,7 @@ class _BalancedDocumentAttention(torch.autograd.Function):
             parts[(0, n_out)].append((o_far, lse_far))
         outs, lses = [], []
         for key in sorted(parts):
-            o, lse = _merge(parts[key], q.dtype)
+            o, lse = _merged(parts[key], q.dtype)
             outs.append(o)
             lses.append(lse)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -228,6 +228,31 @@ class RunConfig:
                 "TRITON_INTERPRET") != "1":
             raise ValueError("model.conv_backend=triton runs on GPUs (or under TRITON_INTERPRET=1); "
                              "this run is on CPU ranks: use model.conv_backend=torch")
+        self._check_packed_documents()
+
+    def _check_packed_documents(self) -> None:
+        """Packed documents need every stateful part to take document offsets; say which does
+        not before any process starts (the Triton kernels do not take them yet)."""
+        if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
+            return
+        m, p = self.model, self.parallel
+        blockers = []
+        if self.on_gpu and p.op_backend != "torch":
+            blockers.append(f"parallel.op_backend={p.op_backend} (Triton kernels on GPUs; "
+                            "use torch)")
+        if m.conv_backend == "triton" and m.use_short_conv:
+            blockers.append("model.conv_backend=triton (use torch)")
+        if m.attention_backend in ("cudnn", "flash") and "S" in m.pattern:
+            blockers.append(f"model.attention_backend={m.attention_backend} (use auto or math)")
+        if m.mom_routed and "M" in m.pattern:
+            blockers.append("model.mom_routed=true (use false)")
+        if blockers:
+            raise ValueError(
+                "data.reset_state_at_document_boundaries=true (packed documents, the default) "
+                "needs document offsets in every layer, which these settings do not take yet: "
+                + "; ".join(blockers) + ". Change them, or set "
+                "data.reset_state_at_document_boundaries=false to train across boundaries as "
+                "Megatron's GPT datasets do")
 
     @property
     def on_gpu(self) -> bool:

@@ -10,14 +10,17 @@ short grace period for the others to report); a rank that does not finish within
 seconds (a hang) fails it too; stragglers are killed, so a broken collective cannot wedge the
 suite.
 
-``start="fork"`` (default) reuses the parent's imports (torch, megatron), so a rank starts in
-milliseconds; ``start="spawn"`` starts clean interpreters (``fn`` and its module must then be
-importable by name, which they are from a test module: the child gets the parent's
-``sys.path``).
+``start="spawn"`` (default) starts clean interpreters (``fn`` and its module must be importable
+by name, which they are from a test module: the child gets the parent's ``sys.path``).
+``start="fork"`` reuses the parent's imports and starts in milliseconds, but is safe only in a
+process with no other threads: once a test has trained in-process (a gloo process group leaves
+its loop threads behind), a forked rank can deadlock or crash on the locks and objects it
+inherits, as the full suite showed.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing as mp
 import os
@@ -53,7 +56,7 @@ def _entry(fn, rank, P, store_path, args, results, collective_timeout):
 
 
 def run_ranks(fn, P: int, *args, timeout: float = 300.0, collective_timeout: float = 120.0,
-              start: str = "fork"):
+              start: str = "spawn"):
     """``[fn(0, P, *args), ..., fn(P-1, P, *args)]`` computed on P gloo ranks."""
     import torch
 
@@ -64,8 +67,19 @@ def run_ranks(fn, P: int, *args, timeout: float = 300.0, collective_timeout: flo
         procs = [ctx.Process(target=_entry, args=(fn, r, P, store, args, results,
                                                   collective_timeout), daemon=True)
                  for r in range(P)]
-        for p in procs:
-            p.start()
+        if start == "fork":
+            # a forked rank inherits every object of this (long-lived test) process; were its
+            # garbage collector to finalise one (a leftover process group, a trainer kept alive
+            # by a stored traceback), the destructor would run without the threads it expects
+            # and crash the rank: collect here, and freeze the rest out of the child's collector
+            gc.collect()
+            gc.freeze()
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if start == "fork":
+                gc.unfreeze()
         got: dict[int, tuple[str, object]] = {}
         exited: dict[int, float] = {}
         deadline = time.monotonic() + timeout

@@ -80,30 +80,30 @@ def _fla_forms(op: str, q, k, v, backend):
     return q, k, v
 
 
+def _bind(family: Family, q, k, v, beta, g, scale, initial_state, output_final_state, backend,
+          cu_seqlens) -> OpCall:
+    """The checks both ops make, and their validated call."""
+    name, packed = family.value, cu_seqlens is not None
+    q, k, v_checked = _fla_forms(name, q, k, v, backend)
+    scale = check_inputs(name, q, k, v_checked, beta, g, scale,
+                         None if packed else initial_state, output_final_state, backend,
+                         needs_beta=family == Family.DELTA_RULE)
+    if packed:
+        _bind_packed(name, q, v, cu_seqlens, initial_state, backend)
+    return OpCall(family, q, k, v, beta, g, scale, initial_state, output_final_state, backend,
+                  cu_seqlens)
+
+
 def _bind_linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
                           output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
-    packed = cu_seqlens is not None
-    q, k, v_checked = _fla_forms("linear_attention", q, k, v, backend)
-    scale = check_inputs("linear_attention", q, k, v_checked, None, g, scale,
-                         None if packed else initial_state, output_final_state, backend,
-                         needs_beta=False)
-    if packed:
-        _bind_packed("linear_attention", q, v, cu_seqlens, initial_state, backend)
-    return OpCall(Family.LINEAR_ATTENTION, q, k, v, None, g, scale, initial_state,
-                  output_final_state, backend, cu_seqlens)
+    return _bind(Family.LINEAR_ATTENTION, q, k, v, None, g, scale, initial_state,
+                 output_final_state, backend, cu_seqlens)
 
 
 def _bind_delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                      output_final_state=False, backend="auto", cu_seqlens=None) -> OpCall:
-    packed = cu_seqlens is not None
-    q, k, v_checked = _fla_forms("delta_rule", q, k, v, backend)
-    scale = check_inputs("delta_rule", q, k, v_checked, beta, g, scale,
-                         None if packed else initial_state, output_final_state, backend,
-                         needs_beta=True)
-    if packed:
-        _bind_packed("delta_rule", q, v, cu_seqlens, initial_state, backend)
-    return OpCall(Family.DELTA_RULE, q, k, v, beta, g, scale, initial_state,
-                  output_final_state, backend, cu_seqlens)
+    return _bind(Family.DELTA_RULE, q, k, v, beta, g, scale, initial_state, output_final_state,
+                 backend, cu_seqlens)
 
 
 def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:

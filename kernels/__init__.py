@@ -11,7 +11,8 @@ Layout, one folder per family as in flash-linear-attention:
   segment scan (``state.py``), per-chunk gradients (``grad.py``) and the autograd function that
   strings them together (``chunk.py``); block sizes and segment counts by rule (``utils.py``).
 - ``linear_attn/``: additive linear attention (``R = V``).
-- ``delta_net/``: the delta rule's WY form and its backward (``intra.py``).
+- ``delta_net/``: the delta rule's WY form and its backward: ``wy.py`` (no gate or one per
+  head: fused ``k k^T`` + triangular solve, ``W``/``U``, backward), ``intra.py`` (per-channel gate).
 - ``conv/``: the layers' short causal depthwise convolution on the ``[B, T, C]`` layout
   (``short_conv``; ``model.conv_backend=triton``).
 

@@ -4,11 +4,13 @@ Forward (``state.py`` has the notation)::
 
     G     = chunk-local cumsum of g                               (gate.py)
     A, P  = overflow-safe pairwise products (per-channel gate)    (pairwise.py)
-    W, U  = WY form of the delta rule                              (delta_net/intra.py)
+    Ai    = (I + L)^{-1} per chunk, no gate or one per head        (delta_net/wy.py)
+    W, U  = WY form of the delta rule                              (delta_net/wy.py; intra.py
+                                                                    for a per-channel gate)
     pairs of the P sequence segments, scan, outputs per segment    (state.py)
 
-Backward recomputes ``G``, ``W``, ``U`` and the per-chunk states ``h`` from the saved segment start
-states (in parallel over segments), runs the reverse state pass the same way (pairs of gradient
+Backward recomputes ``G``, ``W``, ``U`` (from the kept ``Ai`` where there is one) and the per-chunk
+states ``h`` from the saved segment start states (in parallel over segments), runs the reverse state pass the same way (pairs of gradient
 segments scanned with ``A_p^T``), then the per-chunk gradient kernels. Only the inputs, the
 segment start states ``[B, H, P, K, V]`` and the segment transitions are kept between the two.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..delta_net import wy
 from ..delta_net.intra import intra_fwd_kernel, wy_bwd_blocked_kernel, wy_bwd_kernel
 from ..kinds import Gate
 from .gate import chunk_cumsum, chunk_reverse_cumsum
@@ -41,6 +44,11 @@ from .utils import (
 WY_SINGLE_TILE_MAX_K = 128
 WY_BLOCK_K = 64
 
+# Launch configuration of the scalar-gate WY kernels (``delta_net/wy.py``): warps per kernel and
+# the widest block of their loops over key / value columns (fixed, so the interpreter runs the
+# same code; chosen by a sweep on an H200, docs/results.md).
+WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
+
 
 class _Cfg:
     """Shapes and block sizes of one call."""
@@ -60,6 +68,8 @@ class _Cfg:
         self.warps = num_warps_for(self.BK)
         self.P, self.SEG = choose_segments(self.B, self.H, self.NV, self.NT, q.device, num_segments)
         self.scan_kind = 2 if self.delta else (1 if self.gate else 0)
+        # the delta rule with no gate or one per head takes the WY kernels of wy.py
+        self.fast_wy = self.delta and self.gate != Gate.KEY
 
     def consts(self):
         return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, BK=self.BK, BV=self.BV)
@@ -78,15 +88,42 @@ def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
     return w, u, (TA if store_ta else None)
 
 
-def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool):
-    """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U."""
+def _kkt_solve(cfg: _Cfg, k, beta, G):
+    """``Ai = (I + L)^{-1}`` per chunk, ``[B, T, H, BT]`` in the input dtype (wy.py)."""
+    Ai = torch.empty(cfg.B, cfg.T, cfg.H, cfg.BT, dtype=k.dtype, device=k.device)
+    BC = min(SUB_CHUNK, cfg.BT)
+    launch(wy.kkt_solve_kernel, (cfg.NT, cfg.B * cfg.H),
+        k, beta, G if G is not None else k, Ai, k, k, cfg.T, H=cfg.H, K=cfg.K, BT=cfg.BT,
+        BC=BC, NC=cfg.BT // BC, BK=min(cfg.BK, WY_FAST["kkt_bk"]), GATE=cfg.gate,
+        IS_VARLEN=False, IP=cfg.IP, num_warps=WY_FAST["kkt_warps"])
+    return Ai
+
+
+def _wu(cfg: _Cfg, k, v, beta, G, Ai):
+    w = torch.empty_like(k)
+    u = torch.empty_like(v)
+    launch(wy.wu_kernel, (cfg.NT, cfg.B * cfg.H),
+        k, v, beta, G if G is not None else k, Ai, w, u, k, k, cfg.T, H=cfg.H, K=cfg.K,
+        V=cfg.V, BT=cfg.BT, BW=min(max(cfg.BK, next_pow2(cfg.V)), WY_FAST["wu_bk"]),
+        GATE=cfg.gate, IS_VARLEN=False,
+        IP=cfg.IP, num_warps=WY_FAST["wu_warps"])
+    return w, u
+
+
+def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
+    """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U (and
+    ``Ai``, which the scalar-gate delta rule computes once in the forward and keeps)."""
     G = chunk_cumsum(g, cfg.BT) if cfg.gate else None
     Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False) if cfg.gate == Gate.KEY else None
     Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True) if cfg.gate == Gate.KEY and cfg.delta else None
     w = u = TA = None
-    if cfg.delta:
+    if cfg.fast_wy:
+        if Ai is None:
+            Ai = _kkt_solve(cfg, k, beta, G)
+        w, u = _wu(cfg, k, v, beta, G, Ai)
+    elif cfg.delta:
         w, u, TA = _intra(cfg, k, v, beta, G, Pm, store_ta)
-    return G, Aqk, Pm, w, u, TA
+    return G, Aqk, Pm, w, u, TA, Ai
 
 
 def _state_fwd(cfg, mode, q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec, scale,
@@ -165,7 +202,7 @@ class ChunkFunction(torch.autograd.Function):
         init = None
         if initial_state is not None:
             init = initial_state.detach().to(torch.float32).contiguous()
-        G, Aqk, Pm, w, u, _ = _prepare(cfg, q, k, v, beta, g, scale, store_ta=False)
+        G, Aqk, Pm, w, u, _, Ai = _prepare(cfg, q, k, v, beta, g, scale, store_ta=False)
         if not cfg.delta:
             u = v
 
@@ -187,7 +224,7 @@ class ChunkFunction(torch.autograd.Function):
         _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final, None, None, scale,
                    store_end=output_final_state)
 
-        ctx.save_for_backward(q, k, v, beta, g, s0, a_pair, seg_dec)
+        ctx.save_for_backward(q, k, v, beta, g, s0, a_pair, seg_dec, Ai)
         ctx.cfg = cfg
         ctx.scale = scale
         ctx.has_init = initial_state is not None
@@ -198,7 +235,7 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal=None):
-        q, k, v, beta, g, s0, a_pair, seg_dec = ctx.saved_tensors
+        q, k, v, beta, g, s0, a_pair, seg_dec, Ai = ctx.saved_tensors
         cfg, scale = ctx.cfg, ctx.scale
         B, T, H, K, V, P, BT, NT = cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.P, cfg.BT, cfg.NT
         dev = q.device
@@ -207,7 +244,7 @@ class ChunkFunction(torch.autograd.Function):
         if dfinal is not None:
             dfinal = dfinal.to(torch.float32).contiguous()
 
-        G, Aqk, Pm, w, u, TA = _prepare(cfg, q, k, v, beta, g, scale, store_ta=True)
+        G, Aqk, Pm, w, u, TA, _ = _prepare(cfg, q, k, v, beta, g, scale, store_ta=True, Ai=Ai)
         if not cfg.delta:
             u = v
         # per-chunk states from the saved segment starts (parallel over segments)
@@ -255,7 +292,16 @@ class ChunkFunction(torch.autograd.Function):
             wy_args = (k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w,
                        u, dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk,
                        dP, T, NT)
-            if cfg.BK <= WY_SINGLE_TILE_MAX_K:
+            if cfg.fast_wy:
+                scratch = torch.empty_like(Ai)
+                launch(wy.wy_bwd_scalar_kernel, (NT, B * H), k, v, beta,
+                       G if G is not None else k, Ai, dw, dr, dk, dk_out, dv, dbeta, dG, dGl,
+                       dg if dg is not None else dk, scratch, k, k,
+                       T, NT, H=H, K=K, V=V, BT=BT,
+                       BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
+                       IS_VARLEN=False,
+                       IP=cfg.IP, num_warps=WY_FAST["bwd_warps"])
+            elif cfg.BK <= WY_SINGLE_TILE_MAX_K:
                 launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT, BK=cfg.BK,
                        BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK))
             else:

@@ -1,4 +1,5 @@
-"""The delta rule's intra-chunk WY form (forward) and its backward.
+"""The delta rule's intra-chunk WY form (forward) and its backward, for the per-channel gate
+(no gate and one gate per head take ``wy.py``, whose kernels keep fewer registers live).
 
 Per chunk (``BT`` tokens, ``Gamma = exp(G)`` the decay from the chunk start)::
 

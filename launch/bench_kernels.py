@@ -16,7 +16,9 @@
    its gated backward on Hopper with triton < 3.7.1 (fla #640); for the baseline timing the
    script sets ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`` (fla's gradients are not
    checked here).
-3. Optional: segment sweep (Gated DeltaNet fwd+bwd at T = 64K for several in-GPU segment
+3. Other shapes (``--shapes``): Gated DeltaNet at H = 8, T = 512K (one GPU's share of the
+   1M-token run) and B = 8 x 64K (the same tokens), lsp next to fla.
+4. Optional: segment sweep (Gated DeltaNet fwd+bwd at T = 64K for several in-GPU segment
    counts) and a per-kernel profile (``--skip sweep,profile`` leaves them out).
 
 The tolerances are not loosened anywhere: on the CPU, Triton's interpreter patched to round like
@@ -335,8 +337,11 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("LSP_COMMIT", "unknown"))
     ap.add_argument("--seqlens", default="8192,32768,65536,131072")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--shapes", default="delta_rule:head:1:65536:16,delta_rule:head:1:524288:8,"
+                    "delta_rule:head:8:65536:8",
+                    help="extra rows family:gate:B:T:H timed for lsp and fla (section 'shapes')")
     ap.add_argument("--skip", default="",
-                    help="comma list of sections to skip: correct,sweep,profile,time,fla")
+                    help="comma list of sections to skip: correct,time,shapes,sweep,profile,fla")
     ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
     ap.add_argument("--workers", type=int, default=min(6, max(1, (os.cpu_count() or 2) - 4)),
                     help="correctness worker processes sharing one GPU (more ran out of GPU "
@@ -528,6 +533,36 @@ def main():
         result["warmup"] = warm
         log(f"phase A took {time.time() - t_start:.0f} s")
         save()
+
+    # D'. rows of other shapes (the 1M-token run's share of one GPU: H=8, T=512K; the same tokens
+    #     as 8 sequences), lsp then fla on each, one after the other in this process
+    if "shapes" not in skip and args.shapes:
+        log("\n== fwd+bwd time at other shapes (K=V=128 bf16): lsp / fla ==")
+        result["shapes"] = []
+        for spec in args.shapes.split(","):
+            family, gate, B, T, H = spec.split(":")
+            B, T, H = int(B), int(T), int(H)
+            row = dict(op=NAMES[(family, gate)], B=B, T=T, H=H)
+            a = bench_inputs(family, gate, T, B=B, H=H)
+            reps = args.reps if B * T * H <= 65536 * 16 else max(3, args.reps // 2)
+            for who in ("lsp", "fla"):
+                if who == "fla" and "fla" in skip:
+                    continue
+                if time.time() > end - 40:
+                    row[who] = dict(error="time budget reached")
+                    continue
+                fn = ours_fn(kernels, family) if who == "lsp" else fla_fn(family, gate)
+                try:
+                    row[who] = measure(fn, a, reps)
+                except Exception as exc:
+                    row[who] = dict(error=repr(exc)[:300])
+            result["shapes"].append(row)
+            ms = [row.get(w, {}).get("ms", float("nan")) for w in ("lsp", "fla")]
+            log(f"  {row['op']:16s} B={B} T={T:7d} H={H:2d}: lsp {ms[0]:8.3f} ms  fla "
+                f"{ms[1]:8.3f} ms  lsp/fla {ms[0] / ms[1]:.2f}")
+            del a
+            torch.cuda.empty_cache()
+            save()
 
     # D. segment sweep (Gated DeltaNet, T=64K)
     if "sweep" not in skip and time.time() < end - 40:

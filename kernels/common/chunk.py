@@ -47,7 +47,7 @@ WY_BLOCK_K = 64
 # Launch configuration of the scalar-gate WY kernels (``delta_net/wy.py``): warps per kernel and
 # the widest block of their loops over key / value columns (fixed, so the interpreter runs the
 # same code; chosen by a sweep on an H200, docs/results.md).
-WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
+WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=8, wu_bk=128, bwd_warps=4, bwd_bk=64)
 
 
 class _Cfg:

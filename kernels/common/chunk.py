@@ -269,7 +269,10 @@ class ChunkFunction(torch.autograd.Function):
         vec = cfg.gate == Gate.KEY
         dq = torch.empty(q.shape, **f32) if vec else torch.empty_like(q)
         dk = torch.empty(k.shape, **f32) if (vec or cfg.delta) else torch.empty_like(k)
-        dw = torch.empty(k.shape, **f32) if cfg.delta else dq
+        # dW in the input dtype where the WY backward rounds it to that anyway (wy.py), float32
+        # for the per-channel gate's backward (intra.py), which multiplies it in float32
+        dw = (torch.empty(k.shape, dtype=k.dtype if cfg.fast_wy else torch.float32, device=dev)
+              if cfg.delta else dq)
         final_g = cfg.gate == Gate.HEAD and not cfg.delta
         dG = torch.empty(g.shape, **f32) if (cfg.gate and not final_g) else dq
         dGl = (torch.empty((B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)

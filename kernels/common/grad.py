@@ -28,9 +28,9 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     """Grid ``(NT, B*H)``.
 
     Writes ``dq`` and ``dk`` (in their tensors' dtypes: final values, or float32 partial sums that
-    later kernels complete), ``dw`` (delta rule, float32), and for gates either the final ``dg``
-    (``FINAL_G``: scalar gate of linear attention) or per-token ``dG`` and per-chunk ``dGl``
-    (float32), and ``dAqk`` for per-channel gates.
+    later kernels complete), ``dw`` (delta rule, in its tensor's dtype), and for gates either the
+    final ``dg`` (``FINAL_G``: scalar gate of linear attention) or per-token ``dG`` and per-chunk
+    ``dGl`` (float32), and ``dAqk`` for per-channel gates.
     """
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -131,4 +131,5 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:
-        tl.store(dw + row[:, None] * K + o_k[None, :], -b_dw, mask=m_tk)
+        tl.store(dw + row[:, None] * K + o_k[None, :], (-b_dw).to(dw.dtype.element_ty),
+                 mask=m_tk)

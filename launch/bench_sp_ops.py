@@ -11,7 +11,9 @@ float32 beta and g, as the models keep them) and times forward + backward of:
   width ``V + K`` from the state ``[0 | I]`` (how a shard's pair was computed before the chunk
   transition algebra, kept here as the comparison);
 - the same with TF32 matmuls allowed, with the error of TF32 and float32 transitions against a
-  float64 one on the same shard.
+  float64 one on the same shard;
+- with ``--fla``: fla 0.6.0's Gated DeltaNet on ``T_local`` and fla's own context parallelism
+  (``fla.ops.cp``) over ``P x T_local``, on the same inputs.
 
 Each row is a fixed loop of ``--iters`` steps after ``--warmup`` steps, between barriers, timed
 with CUDA events (host clock on CPU); the reported time is the slowest rank's. The weak-scaling
@@ -55,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--no-parts", action="store_true", help="skip the fix-up rows")
     p.add_argument("--sweep", action="store_true",
                    help="also time other chunk / block / memory settings of the fix-up and TF32")
+    p.add_argument("--fla", action="store_true",
+                   help="also time fla 0.6.0 (Gated DeltaNet only): its op on T_local and its own "
+                        "context parallelism (fla.ops.cp) over P x T_local")
     p.add_argument("--old-pair", action="store_true",
                    help="also time the op at width V + K from [0 | I] (compiles another kernel)")
     return p.parse_args(argv)
@@ -111,6 +116,42 @@ def _rel(x, ref) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def fla_rows(args, a, pos, clear, add, rows, W, P):
+    """fla 0.6.0 on the same inputs: one GPU on ``T_local``, and fla's context parallelism over
+    the ``P x T_local`` sequence (each rank its contiguous slice, as ours). fla refuses its gated
+    backward on Hopper with Triton < 3.7.1 (fla #640); for this baseline timing the guard
+    ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1`` is set (fla's gradients are not checked)."""
+    if args.gate != "head" or args.B != 1:
+        raise ValueError(f"--fla times Gated DeltaNet with B=1 (fla's CP takes one packed "
+                         f"sequence); got --gate {args.gate} --B {args.B}")
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.cp import build_cp_context
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    q, k, v, beta, g = pos
+    scale = args.K**-0.5
+
+    def one():
+        clear()
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)
+        o.backward(a["do"])
+
+    total = P * args.T_local
+    ctx = build_cp_context(torch.tensor([0, total], dtype=torch.long, device=q.device),
+                           group=dist.group.WORLD)
+
+    def cp():
+        clear()
+        o, _ = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, cp_context=ctx)
+        o.backward(a["do"])
+
+    add("fla 0.6.0: op fwd+bwd on T_local", timed(one, **W))
+    base = rows[-1]["ms"]
+    add(f"fla 0.6.0: CP={P} fwd+bwd on {P} x T_local", timed(cp, **W))
+    rows[-1]["weak_scaling_ratio"] = rows[-1]["ms"] / base
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, P, local = init_from_environment("auto")
@@ -162,6 +203,9 @@ def main(argv=None):
         add(f"CP={P} {method} fwd+bwd on {P} x T_local", timed(cp(method), **W), method=method)
         rows[-1]["weak_scaling_ratio"] = rows[-1]["ms"] / base
         save()
+
+    if args.fla:
+        fla_rows(args, a, pos, clear, add, rows, W, P)
 
     if not args.no_parts:
         B, T, H, K, V = args.B, args.T_local, args.H, args.K, args.V

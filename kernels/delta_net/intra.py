@@ -39,6 +39,26 @@ def _inv_unit_lower(b_L, BC: tl.constexpr):
 
 
 @triton.jit
+def _lower_half_inverse(A00, A10, A11, L20, L21, L22, L30, L31, L32, L33, BC: tl.constexpr,
+                        IP: tl.constexpr):
+    """Rows 2 and 3 of the ``4 x 4`` block inverse of ``I + L`` given its top-left ``2 x 2``
+    blocks ``A00, A10, A11``: ``A_ii`` by forward substitution, then
+    ``A_ij = -A_ii sum_{j <= m < i} L_im A_mj``."""
+    A22 = _inv_unit_lower(L22, BC)
+    A33 = _inv_unit_lower(L33, BC)
+    A21 = -tl.dot(tl.dot(A22, L21, input_precision=IP), A11, input_precision=IP)
+    A32 = -tl.dot(tl.dot(A33, L32, input_precision=IP), A22, input_precision=IP)
+    A20 = -tl.dot(A22, tl.dot(L20, A00, input_precision=IP)
+                  + tl.dot(L21, A10, input_precision=IP), input_precision=IP)
+    A31 = -tl.dot(A33, tl.dot(L31, A11, input_precision=IP)
+                  + tl.dot(L32, A21, input_precision=IP), input_precision=IP)
+    A30 = -tl.dot(A33, tl.dot(L30, A00, input_precision=IP)
+                  + tl.dot(L31, A10, input_precision=IP)
+                  + tl.dot(L32, A20, input_precision=IP), input_precision=IP)
+    return A20, A21, A22, A30, A31, A32, A33
+
+
+@triton.jit
 def _kk_block(k, row_i, row_j, m_i, m_j, K: tl.constexpr, BKI: tl.constexpr, BC: tl.constexpr,
               IP: tl.constexpr):
     acc = tl.zeros([BC, BC], dtype=tl.float32)
@@ -146,17 +166,8 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
         L31 = _l_block(k, Pm, b_b3, g_3, g_1, row_3, row_1, m_3, m_1, BC, False, K, BT, BKI, BC, GATE, IP)
         L32 = _l_block(k, Pm, b_b3, g_3, g_2, row_3, row_2, m_3, m_2, 2 * BC, False, K, BT, BKI, BC, GATE, IP)
         L33 = _l_block(k, Pm, b_b3, g_3, g_3, row_3, row_3, m_3, m_3, 3 * BC, True, K, BT, BKI, BC, GATE, IP)
-        A22 = _inv_unit_lower(L22, BC)
-        A33 = _inv_unit_lower(L33, BC)
-        A21 = -tl.dot(tl.dot(A22, L21, input_precision=IP), A11, input_precision=IP)
-        A32 = -tl.dot(tl.dot(A33, L32, input_precision=IP), A22, input_precision=IP)
-        A20 = -tl.dot(A22, tl.dot(L20, A00, input_precision=IP)
-                      + tl.dot(L21, A10, input_precision=IP), input_precision=IP)
-        A31 = -tl.dot(A33, tl.dot(L31, A11, input_precision=IP)
-                      + tl.dot(L32, A21, input_precision=IP), input_precision=IP)
-        A30 = -tl.dot(A33, tl.dot(L30, A00, input_precision=IP)
-                      + tl.dot(L31, A10, input_precision=IP)
-                      + tl.dot(L32, A20, input_precision=IP), input_precision=IP)
+        A20, A21, A22, A30, A31, A32, A33 = _lower_half_inverse(
+            A00, A10, A11, L20, L21, L22, L30, L31, L32, L33, BC, IP)
 
     # W = T_A diag(b) (K * Gamma) and U = T_A diag(b) V, one row block at a time
     a00 = A00.to(dt)

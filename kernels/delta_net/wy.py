@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import _inv_unit_lower
+from .intra import _inv_unit_lower, _lower_half_inverse
 
 
 @triton.jit
@@ -166,17 +166,8 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
         L31 = _scale_blk(A31, b_b3, g_3, g_1, m_3, m_1, False, BC, GATE)
         L32 = _scale_blk(A32, b_b3, g_3, g_2, m_3, m_2, False, BC, GATE)
         L33 = _scale_blk(A33, b_b3, g_3, g_3, m_3, m_3, True, BC, GATE)
-        Ai22 = _inv_unit_lower(L22, BC)
-        Ai33 = _inv_unit_lower(L33, BC)
-        Ai21 = -tl.dot(tl.dot(Ai22, L21, input_precision=IP), Ai11, input_precision=IP)
-        Ai32 = -tl.dot(tl.dot(Ai33, L32, input_precision=IP), Ai22, input_precision=IP)
-        Ai20 = -tl.dot(Ai22, tl.dot(L20, Ai00, input_precision=IP)
-                       + tl.dot(L21, Ai10, input_precision=IP), input_precision=IP)
-        Ai31 = -tl.dot(Ai33, tl.dot(L31, Ai11, input_precision=IP)
-                       + tl.dot(L32, Ai21, input_precision=IP), input_precision=IP)
-        Ai30 = -tl.dot(Ai33, tl.dot(L30, Ai00, input_precision=IP)
-                       + tl.dot(L31, Ai10, input_precision=IP)
-                       + tl.dot(L32, Ai20, input_precision=IP), input_precision=IP)
+        Ai20, Ai21, Ai22, Ai30, Ai31, Ai32, Ai33 = _lower_half_inverse(
+            Ai00, Ai10, Ai11, L20, L21, L22, L30, L31, L32, L33, BC, IP)
         _store_blk(Ai, row_2, m_2, 0, Ai20, BT, BC)
         _store_blk(Ai, row_2, m_2, BC, Ai21, BT, BC)
         _store_blk(Ai, row_2, m_2, 2 * BC, Ai22, BT, BC)

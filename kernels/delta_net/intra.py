@@ -250,20 +250,29 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
             for j in range(2, NC):
                 _store_block(TA, row_1, m_1, j * BC, zero, BT, BC)
         if NC > 2:
-            _store_block(TA, row_2, m_2, 0, A20, BT, BC)
-            _store_block(TA, row_2, m_2, BC, A21, BT, BC)
-            _store_block(TA, row_2, m_2, 2 * BC, A22, BT, BC)
-            _store_block(TA, row_2, m_2, 3 * BC, zero, BT, BC)
-            _store_block(TA, row_3, m_3, 0, A30, BT, BC)
-            _store_block(TA, row_3, m_3, BC, A31, BT, BC)
-            _store_block(TA, row_3, m_3, 2 * BC, A32, BT, BC)
-            _store_block(TA, row_3, m_3, 3 * BC, A33, BT, BC)
+            _store_lower_half(TA, row_2, m_2, row_3, m_3, A20, A21, A22, A30, A31, A32, A33,
+                              BT, BC)
 
 
 @triton.jit
 def _store_block(ptr, row, m, col0, blk, BT: tl.constexpr, BC: tl.constexpr):
     o = tl.arange(0, BC)
-    tl.store(ptr + row[:, None] * BT + (col0 + o)[None, :], blk, mask=m[:, None])
+    tl.store(ptr + row[:, None] * BT + (col0 + o)[None, :], blk.to(ptr.dtype.element_ty),
+             mask=m[:, None])
+
+
+@triton.jit
+def _store_lower_half(ptr, row_2, m_2, row_3, m_3, A20, A21, A22, A30, A31, A32, A33,
+                      BT: tl.constexpr, BC: tl.constexpr):
+    """Block rows 2 and 3 of a ``4 x 4`` lower block-triangular ``[BT, BT]`` matrix."""
+    _store_block(ptr, row_2, m_2, 0, A20, BT, BC)
+    _store_block(ptr, row_2, m_2, BC, A21, BT, BC)
+    _store_block(ptr, row_2, m_2, 2 * BC, A22, BT, BC)
+    _store_block(ptr, row_2, m_2, 3 * BC, tl.zeros([BC, BC], dtype=tl.float32), BT, BC)
+    _store_block(ptr, row_3, m_3, 0, A30, BT, BC)
+    _store_block(ptr, row_3, m_3, BC, A31, BT, BC)
+    _store_block(ptr, row_3, m_3, 2 * BC, A32, BT, BC)
+    _store_block(ptr, row_3, m_3, 3 * BC, A33, BT, BC)
 
 
 @triton.jit(do_not_specialize=["T", "NT"])

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import _inv_unit_lower, _lower_half_inverse
+from .intra import _inv_unit_lower, _lower_half_inverse, _store_block, _store_lower_half
 
 
 @triton.jit
@@ -52,13 +52,6 @@ def _scale_blk(b_A, b_bi, g_i, g_j, m_i, m_j, diag: tl.constexpr, BC: tl.constex
     else:
         b_A = tl.where(m, b_A, 0.0)
     return b_A * b_bi[:, None]
-
-
-@triton.jit
-def _store_blk(Ai, row, m, col0, blk, BT: tl.constexpr, BC: tl.constexpr):
-    o = tl.arange(0, BC)
-    tl.store(Ai + row[:, None] * BT + (col0 + o)[None, :], blk.to(Ai.dtype.element_ty),
-             mask=m[:, None])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -134,10 +127,10 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
         g_0 = tl.load(G + row_0, mask=m_0, other=0.0)
     L00 = _scale_blk(A00, b_b0, g_0, g_0, m_0, m_0, True, BC, GATE)
     Ai00 = _inv_unit_lower(L00, BC)
-    _store_blk(Ai, row_0, m_0, 0, Ai00, BT, BC)
+    _store_block(Ai, row_0, m_0, 0, Ai00, BT, BC)
     zero = tl.zeros([BC, BC], dtype=tl.float32)
     for j in range(1, NC):
-        _store_blk(Ai, row_0, m_0, j * BC, zero, BT, BC)
+        _store_block(Ai, row_0, m_0, j * BC, zero, BT, BC)
     if NC > 1:
         b_b1 = tl.load(beta + row_1, mask=m_1, other=0.0).to(tl.float32)
         g_1 = tl.zeros([BC], dtype=tl.float32)
@@ -147,10 +140,10 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
         L11 = _scale_blk(A11, b_b1, g_1, g_1, m_1, m_1, True, BC, GATE)
         Ai11 = _inv_unit_lower(L11, BC)
         Ai10 = -tl.dot(tl.dot(Ai11, L10, input_precision=IP), Ai00, input_precision=IP)
-        _store_blk(Ai, row_1, m_1, 0, Ai10, BT, BC)
-        _store_blk(Ai, row_1, m_1, BC, Ai11, BT, BC)
+        _store_block(Ai, row_1, m_1, 0, Ai10, BT, BC)
+        _store_block(Ai, row_1, m_1, BC, Ai11, BT, BC)
         for j in range(2, NC):
-            _store_blk(Ai, row_1, m_1, j * BC, zero, BT, BC)
+            _store_block(Ai, row_1, m_1, j * BC, zero, BT, BC)
     if NC > 2:
         b_b2 = tl.load(beta + row_2, mask=m_2, other=0.0).to(tl.float32)
         b_b3 = tl.load(beta + row_3, mask=m_3, other=0.0).to(tl.float32)
@@ -168,14 +161,8 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
         L33 = _scale_blk(A33, b_b3, g_3, g_3, m_3, m_3, True, BC, GATE)
         Ai20, Ai21, Ai22, Ai30, Ai31, Ai32, Ai33 = _lower_half_inverse(
             Ai00, Ai10, Ai11, L20, L21, L22, L30, L31, L32, L33, BC, IP)
-        _store_blk(Ai, row_2, m_2, 0, Ai20, BT, BC)
-        _store_blk(Ai, row_2, m_2, BC, Ai21, BT, BC)
-        _store_blk(Ai, row_2, m_2, 2 * BC, Ai22, BT, BC)
-        _store_blk(Ai, row_2, m_2, 3 * BC, zero, BT, BC)
-        _store_blk(Ai, row_3, m_3, 0, Ai30, BT, BC)
-        _store_blk(Ai, row_3, m_3, BC, Ai31, BT, BC)
-        _store_blk(Ai, row_3, m_3, 2 * BC, Ai32, BT, BC)
-        _store_blk(Ai, row_3, m_3, 3 * BC, Ai33, BT, BC)
+        _store_lower_half(Ai, row_2, m_2, row_3, m_3, Ai20, Ai21, Ai22, Ai30, Ai31, Ai32, Ai33,
+                          BT, BC)
 
 
 @triton.jit(do_not_specialize=["T"])

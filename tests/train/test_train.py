@@ -15,7 +15,7 @@ import pytest
 from train_runs import CKPT, FAST, LAYOUT_ARGS, losses
 
 from lsp.launch.train import compose, main
-from lsp.testing import rel_err
+from lsp.testing import rel_err, run_in_child
 
 
 def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
@@ -39,7 +39,7 @@ def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
-    main(["parallel=single", f"run_dir={run}"] + LAYOUT_ARGS)
+    run_in_child(main, ["parallel=single", f"run_dir={run}"] + LAYOUT_ARGS)
     return losses(run)
 
 
@@ -88,15 +88,16 @@ def test_resume_into_a_different_model_raises(tmp_path):
     main(["parallel=cp2", f"run_dir={tmp_path}", "train.stop_after_step=2",
           "train.save_interval=2"] + LAYOUT_ARGS)
     with pytest.raises(Exception, match="cannot resume from .*the model differs.*hidden_size"):
-        main(["parallel=single", f"run_dir={tmp_path}", "model.hidden_size=32"] + LAYOUT_ARGS)
+        run_in_child(main, ["parallel=single", f"run_dir={tmp_path}", "model.hidden_size=32"]
+                     + LAYOUT_ARGS)
 
 
 def test_corrupt_checkpoint_raises(tmp_path):
-    main(["parallel=single", f"run_dir={tmp_path}", "train.stop_after_step=2",
-          "train.save_interval=2"] + LAYOUT_ARGS)
+    run_in_child(main, ["parallel=single", f"run_dir={tmp_path}", "train.stop_after_step=2",
+                        "train.save_interval=2"] + LAYOUT_ARGS)
     (tmp_path / "checkpoints" / "step_00000002" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="model.pt is corrupt or not an lsp checkpoint"):
-        main(["parallel=single", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
+        run_in_child(main, ["parallel=single", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
 
 
 def _mqar_accuracy(run: Path) -> float:
@@ -179,8 +180,8 @@ def test_mpirun_two_ranks(tmp_path):
 
 def test_watchdog_dumps_stacks_of_a_slow_step(tmp_path, capfd):
     # a step longer than train.watchdog_s prints every thread's Python stack (for hang hunting)
-    main(["parallel=single", "train.steps=1", "train.watchdog_s=0.02", f"run_dir={tmp_path}",
-          "train.seq_len=256"] + FAST)
+    run_in_child(main, ["parallel=single", "train.steps=1", "train.watchdog_s=0.02",
+                        f"run_dir={tmp_path}", "train.seq_len=256"] + FAST)
     err = capfd.readouterr().err
     assert "lsp watchdog (rank 0): step 1 has run over 0.02 s" in err and "loop.py" in err
 

@@ -13,6 +13,7 @@ Tokens are bytes: a vocabulary of 256.
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from pathlib import Path
 
@@ -20,6 +21,17 @@ import numpy as np
 
 VOCAB_SIZE = 256
 DOC_SEPARATOR = b"\n\x0c"
+
+
+def _python_files(root: Path) -> list[Path]:
+    """``root.rglob("*.py")`` without descending into ``site-packages`` folders, whose files are
+    left out anyway (a Python's own site-packages can hold tens of thousands of files: walking
+    it took most of a small run's data set-up); symlinked folders are not followed, as rglob."""
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "site-packages"]
+        found += [Path(folder, n) for n in names if n.endswith(".py")]
+    return found
 
 
 class StdlibCorpus:
@@ -32,7 +44,7 @@ class StdlibCorpus:
         self.root = Path(root or sysconfig.get_paths()["stdlib"])
         if not self.root.is_dir():
             raise ValueError(f"standard library folder {self.root} not found; pass data.root")
-        files = sorted(p for p in self.root.rglob("*.py")
+        files = sorted(p for p in _python_files(self.root)
                        if "site-packages" not in p.parts and p.is_file())
         chunks, starts, total = [], [], 0
         for p in files:

@@ -3,13 +3,14 @@
 - ``lsp.testing.ops``: random op inputs (``make_inputs``), an op's positional arguments
   (``op_args``, ``call``), the float64 per-token oracle (``naive_for``, ``upcast``,
   ``outputs_and_grads``) and the relative error ``rel_err``;
-- ``lsp.testing.distributed``: ``run_ranks``, a function on P gloo ranks (CPU processes);
+- ``lsp.testing.distributed``: ``run_ranks``, a function on P gloo ranks (CPU processes), and
+  ``run_in_child``, a function in one forked process (for a test that trains in-process);
 - ``lsp.testing.equivalence``: the layout-equivalence harness (tiny models of every mixer kind
   under a parallel layout against the one-process run; imports megatron-core, so import it by
   name).
 """
 
-from lsp.testing.distributed import run_ranks
+from lsp.testing.distributed import run_in_child, run_ranks
 from lsp.testing.ops import (
     FAMILIES,
     GATES,
@@ -23,4 +24,4 @@ from lsp.testing.ops import (
 )
 
 __all__ = ["FAMILIES", "GATES", "rel_err", "make_inputs", "op_args", "call", "naive_for",
-           "upcast", "outputs_and_grads", "run_ranks"]
+           "upcast", "outputs_and_grads", "run_ranks", "run_in_child"]

@@ -139,18 +139,17 @@ def test_conv_kernels_compile_for_sm90():
 def test_cp2_training_with_triton_convolutions_matches_torch_convolutions(tmp_path):
     """The default model (Gated DeltaNet, MoM and DeltaNet-style layers with short convolutions)
     on 2 CP ranks: the halo rows reach the kernel and the losses equal the conv1d path's."""
-    from train_runs import CKPT, LAYOUT_ARGS, losses
-
-    from lsp.launch.train import main
+    from train_runs import CKPT, LAYOUT_ARGS, losses, train_on_forked_ranks
 
     runs = {}
     for name, extra in [("torch", []), ("triton", []), ("triton+ckpt", CKPT)]:
         run = tmp_path / name
         backend = name.split("+")[0]
-        # the conv kernel takes no document offsets yet: one stream, no resets, on both paths
-        main(["parallel=cp2", f"run_dir={run}", f"model.conv_backend={backend}",
-              "data.reset_state_at_document_boundaries=false"] + LAYOUT_ARGS
-             + extra)  # +ckpt: selective activation checkpointing recomputes the kernels
+        # the conv kernel takes no document offsets yet: one stream, no resets, on both paths;
+        # +ckpt: selective activation checkpointing recomputes the kernels
+        train_on_forked_ranks(["parallel=cp2", f"run_dir={run}", f"model.conv_backend={backend}",
+                               "data.reset_state_at_document_boundaries=false"] + LAYOUT_ARGS
+                              + extra)
         runs[name] = losses(run)
     assert len(runs["triton"]) == len(runs["triton+ckpt"]) == 5
     for name in ("triton", "triton+ckpt"):

@@ -2,7 +2,7 @@
 
 For each mixer kind (one-layer models L, D, G, M, S) and a hybrid with MoE (G, M, S mixers;
 MoE / dense / MoE FFNs, shared expert, tied head), under TP2, CP2, EP2, TP2xCP2, CP2xEP2 and CP3
-on spawned gloo ranks (fp32): the global loss (LM + auxiliary) and every parameter gradient,
+on gloo ranks (fp32): the global loss (LM + auxiliary) and every parameter gradient,
 shard by shard, match the one-process run within 1e-5 (relative), for each SP exchange method
 (``allgather``, ``allscan``, ``ring``) whenever CP > 1 (at CP = 1 no exchange happens and the
 method is unused). The initial weights are compared too: bit-identical shards of the

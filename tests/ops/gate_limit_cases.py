@@ -1,5 +1,5 @@
 """Inputs with full forgets (log-gates of ``-inf``) for tests/ops/test_gate_limits.py, importable by
-spawned ranks: the float64 per-token oracle and ``sequence_parallel`` on this rank's shard."""
+ranks: the float64 per-token oracle and ``sequence_parallel`` on this rank's shard."""
 
 from __future__ import annotations
 

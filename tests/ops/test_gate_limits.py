@@ -107,7 +107,7 @@ def test_very_negative_gates_dg_error_stays_at_float32_rounding(family, gate, mo
 def test_full_forget_sequence_parallel(P):
     cases = [(f, g, d) for f in FAMILIES for g in GATE_KINDS
              for d in (torch.float64, torch.float32)]
-    per_rank = run_ranks(sp_errors, P, cases, start="spawn")
+    per_rank = run_ranks(sp_errors, P, cases)
     for res in per_rank:
         for cid, errs in res.items():
             tol = 1e-10 if "float64" in cid else 1e-5

@@ -1,4 +1,4 @@
-"""Work done on each simulated rank by test_sequence_parallel.py (imported by spawned ranks).
+"""Work done on each simulated rank by test_sequence_parallel.py (the ranks run_ranks starts).
 
 Every rank draws the same full-sequence inputs, runs the single-process op on the whole sequence
 in float64 as the reference, runs ``sequence_parallel`` on its own contiguous shard, and reports

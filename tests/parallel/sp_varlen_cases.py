@@ -146,6 +146,6 @@ def run_leak_check(rank: int, P: int) -> dict:
 
 
 def run_packed_and_checks(rank: int, P: int, plan, Tl: int) -> dict:
-    """One spawned group for the packed matrix, the named errors and the leak guard."""
+    """One group of ranks for the packed matrix, the named errors and the leak guard."""
     return {"packed": run_packed(rank, P, plan, Tl), "errors": run_packed_errors(rank, P),
             "leak": run_leak_check(rank, P)}

@@ -1,6 +1,6 @@
 """Sequence parallelism on simulated CPU ranks (gloo) equals the one-process op, gradients too.
 
-For P in {1, 2, 3, 4} one spawned group runs every family x gate x method x initial state x
+For P in {1, 2, 3, 4} one group of ranks runs every family x gate x method x initial state x
 dtype (``sp_cases.py`` beside this file); each parametrized test below checks one of those
 configurations.
 """
@@ -33,7 +33,7 @@ _cache: dict = {}
 
 def results_for(P: int) -> dict:
     if P not in _cache:
-        _cache[P] = _merge(run_ranks(sp_cases.run_configs, P, CONFIGS, start="spawn"))
+        _cache[P] = _merge(run_ranks(sp_cases.run_configs, P, CONFIGS))
     return _cache[P]
 
 
@@ -63,7 +63,7 @@ SUB = [c for c in CONFIGS if c["dtype"] == "f64" and c["with_state"]]
 
 def test_interleaved_subgroups():
     """Groups {0,2} and {1,3} of a 4-rank world: point-to-point uses the right global ranks."""
-    per_rank = run_ranks(sp_cases.run_interleaved_subgroups, 4, SUB, start="spawn")
+    per_rank = run_ranks(sp_cases.run_interleaved_subgroups, 4, SUB)
     for cid, errs in _merge(per_rank).items():
         assert_close(errs, 1e-9, cid)
 
@@ -71,14 +71,14 @@ def test_interleaved_subgroups():
 def test_allscan_block_counts():
     """Any block count works, including 1 (the ring), uneven splits and one per value column."""
     cfgs = [c for c in SUB if c["method"] == "allscan"]
-    res = _merge(run_ranks(sp_cases.run_blocks, 3, cfgs, [1, 2, 3, 5], start="spawn"))
+    res = _merge(run_ranks(sp_cases.run_blocks, 3, cfgs, [1, 2, 3, 5]))
     assert len(res) == len(cfgs) * 4
     for cid, errs in res.items():
         assert_close(errs, 1e-9, cid)
 
 
 def test_mismatches_raise_on_every_rank():
-    per_rank = run_ranks(sp_cases.run_errors, 2, start="spawn")
+    per_rank = run_ranks(sp_cases.run_errors, 2)
     for rank, out in enumerate(per_rank):
         assert "disagree on method=[allscan, ring]" in out["method"], out["method"]
         assert "disagree on T_local=[4, 5]" in out["shard_length"], out["shard_length"]

@@ -37,7 +37,7 @@ _cache: dict = {}
 
 def _run(P: int) -> list[dict]:
     if P not in _cache:
-        _cache[P] = run_ranks(cases.run_packed_and_checks, P, _plan(P), 6, start="spawn")
+        _cache[P] = run_ranks(cases.run_packed_and_checks, P, _plan(P), 6)
     return _cache[P]
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lsp.launch.train import main
+from lsp.testing import run_in_child
 
 FAST = ["data.max_bytes=200000", "train.log_interval=1", "train.seq_len=64",
         "train.eval_interval=0", "log.tensorboard=false"]
@@ -132,7 +133,8 @@ def test_second_run_is_refused_and_sigint_to_the_launcher_ends_every_rank(tmp_pa
     time.sleep(0.5)
     assert not any(alive(p) for p in pids), job.text()
     # the lock went with the run: the directory takes a new run
-    main(["parallel=single", f"run_dir={tmp_path}", "train.steps=1", "train.resume=none"] + FAST)
+    run_in_child(main, ["parallel=single", f"run_dir={tmp_path}", "train.steps=1",
+                        "train.resume=none"] + FAST)
 
 
 def test_the_rank_that_failed_first_is_named(tmp_path):
@@ -188,7 +190,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(where, tm
         monkeypatch.setattr(grads, "reduce_gradients", poisoned)
     with pytest.raises(RuntimeError, match="step 5: the " + ("loss is nan" if where == "loss"
                                                              else "gradient norm is inf")) as e:
-        main([f"run_dir={tmp_path}"] + NAN_ARGS)
+        run_in_child(main, [f"run_dir={tmp_path}"] + NAN_ARGS)  # the patches are inherited
     assert "step_00000003" in str(e.value) and "stopped before the optimizer step" in str(e.value)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
     ckpt = tmp_path / "checkpoints"
@@ -198,7 +200,8 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_checkpoint(where, tm
     if where == "grad_norm":
         return
     monkeypatch.undo()
-    main([f"run_dir={tmp_path}"] + NAN_ARGS)  # resumes from step 3, replays step 4, finishes
+    # resumes from step 3, replays step 4, finishes
+    run_in_child(main, [f"run_dir={tmp_path}"] + NAN_ARGS)
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(math.isfinite(r["loss"])
                                                                   for r in rows)

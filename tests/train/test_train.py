@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from train_runs import CKPT, FAST, LAYOUT_ARGS, losses
+from train_runs import CKPT, FAST, LAYOUT_ARGS, losses, train_on_forked_ranks
 
 from lsp.launch.train import compose, main
-from lsp.testing import rel_err
+from lsp.testing import rel_err, run_in_child
 
 
 def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
@@ -39,7 +39,7 @@ def test_cpu_demo_on_two_ranks_loss_falls_and_logs(tmp_path):
 @pytest.fixture(scope="module")
 def one_process_losses(tmp_path_factory):
     run = tmp_path_factory.mktemp("single")
-    main(["parallel=single", f"run_dir={run}"] + LAYOUT_ARGS)
+    train_on_forked_ranks(["parallel=single", f"run_dir={run}"] + LAYOUT_ARGS)
     return losses(run)
 
 
@@ -53,7 +53,8 @@ def test_layouts_give_the_same_losses(layout, one_process_losses, tmp_path):
         extra = extra + ["parallel.attention_load_balance=true"]
     if "+overlap" in layout:  # ... with its exchange alongside each rank's own blocks
         extra = extra + ["parallel.attention_balance_overlap=true"]
-    main([f"parallel={layout.split('+')[0]}", f"run_dir={tmp_path}"] + LAYOUT_ARGS + extra)
+    train_on_forked_ranks([f"parallel={layout.split('+')[0]}", f"run_dir={tmp_path}"]
+                          + LAYOUT_ARGS + extra)
     got = losses(tmp_path)
     assert len(got) == 5
     for a, b in zip(got, one_process_losses):
@@ -66,17 +67,18 @@ RESUME_ARGS = FAST + ["train.steps=20", "train.seq_len=64", "train.micro_batch=2
 
 def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    main(["parallel=cp2", f"run_dir={full}"] + RESUME_ARGS)
-    main(["parallel=cp2", f"run_dir={part}", "train.stop_after_step=10"] + RESUME_ARGS)
+    train_on_forked_ranks(["parallel=cp2", f"run_dir={full}"] + RESUME_ARGS)
+    train_on_forked_ranks(["parallel=cp2", f"run_dir={part}", "train.stop_after_step=10"]
+                          + RESUME_ARGS)
     assert len(losses(part)) == 10
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     # resume from a copy of the stopped run into a different layout (TP2) as well
     shutil.copytree(part, tmp_path / "part_tp2")
-    main(["parallel=cp2", f"run_dir={part}"] + RESUME_ARGS)
+    train_on_forked_ranks(["parallel=cp2", f"run_dir={part}"] + RESUME_ARGS)
     a, b = losses(full), losses(part)
     assert len(b) == 20
     assert all(rel_err(x, y) <= 1e-6 for x, y in zip(b, a)), (a, b)
-    main(["parallel=tp2", f"run_dir={tmp_path / 'part_tp2'}"] + RESUME_ARGS)
+    train_on_forked_ranks(["parallel=tp2", f"run_dir={tmp_path / 'part_tp2'}"] + RESUME_ARGS)
     c = losses(tmp_path / "part_tp2")
     assert len(c) == 20 and all(rel_err(x, y) <= 1e-4 for x, y in zip(c, a)), (a, c)
     # keep_last=2: after saves at 10 and 20 both remain, nothing else
@@ -85,18 +87,19 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_resume_into_a_different_model_raises(tmp_path):
-    main(["parallel=cp2", f"run_dir={tmp_path}", "train.stop_after_step=2",
-          "train.save_interval=2"] + LAYOUT_ARGS)
+    train_on_forked_ranks(["parallel=cp2", f"run_dir={tmp_path}", "train.stop_after_step=2",
+                           "train.save_interval=2"] + LAYOUT_ARGS)
     with pytest.raises(Exception, match="cannot resume from .*the model differs.*hidden_size"):
-        main(["parallel=single", f"run_dir={tmp_path}", "model.hidden_size=32"] + LAYOUT_ARGS)
+        run_in_child(main, ["parallel=single", f"run_dir={tmp_path}", "model.hidden_size=32"]
+                     + LAYOUT_ARGS)
 
 
 def test_corrupt_checkpoint_raises(tmp_path):
-    main(["parallel=single", f"run_dir={tmp_path}", "train.stop_after_step=2",
-          "train.save_interval=2"] + LAYOUT_ARGS)
+    run_in_child(main, ["parallel=single", f"run_dir={tmp_path}", "train.stop_after_step=2",
+                        "train.save_interval=2"] + LAYOUT_ARGS)
     (tmp_path / "checkpoints" / "step_00000002" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception, match="model.pt is corrupt or not an lsp checkpoint"):
-        main(["parallel=single", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
+        run_in_child(main, ["parallel=single", f"run_dir={tmp_path}"] + LAYOUT_ARGS)
 
 
 def _mqar_accuracy(run: Path) -> float:
@@ -106,10 +109,10 @@ def _mqar_accuracy(run: Path) -> float:
 
 def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
     """Keys on rank 0, queries on rank 1: learnt with the exchange, chance without it."""
-    main(["experiment=mqar", f"run_dir={tmp_path / 'ok'}"])
+    train_on_forked_ranks(["experiment=mqar", f"run_dir={tmp_path / 'ok'}"])
     assert _mqar_accuracy(tmp_path / "ok") >= 0.8
-    main(["experiment=mqar", "parallel.ablate_incoming_state=true",
-          f"run_dir={tmp_path / 'ablated'}"])
+    train_on_forked_ranks(["experiment=mqar", "parallel.ablate_incoming_state=true",
+                           f"run_dir={tmp_path / 'ablated'}"])
     assert _mqar_accuracy(tmp_path / "ablated") <= 0.3
 
 
@@ -179,8 +182,8 @@ def test_mpirun_two_ranks(tmp_path):
 
 def test_watchdog_dumps_stacks_of_a_slow_step(tmp_path, capfd):
     # a step longer than train.watchdog_s prints every thread's Python stack (for hang hunting)
-    main(["parallel=single", "train.steps=1", "train.watchdog_s=0.02", f"run_dir={tmp_path}",
-          "train.seq_len=256"] + FAST)
+    run_in_child(main, ["parallel=single", "train.steps=1", "train.watchdog_s=0.02",
+                        f"run_dir={tmp_path}", "train.seq_len=256"] + FAST)
     err = capfd.readouterr().err
     assert "lsp watchdog (rank 0): step 1 has run over 0.02 s" in err and "loop.py" in err
 

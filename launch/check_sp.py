@@ -123,6 +123,8 @@ def main(argv=None):
     p.add_argument("--backends", default="torch", help="comma-separated op backends to check")
     p.add_argument("--shape", default="1x200x4x32x48", help="B x T_local x H x K x V")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated tested dtypes")
+    p.add_argument("--cases", default="",
+                   help="comma-separated family:gate pairs to check (default: all)")
     p.add_argument("--packed", action="store_true",
                    help="packed documents (global cu_seqlens, B = 1) instead of one sequence")
     args = p.parse_args(argv)
@@ -134,6 +136,8 @@ def main(argv=None):
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for family in FAMILIES:
                 for gate in GATES:
+                    if args.cases and f"{family}:{gate}" not in args.cases.split(","):
+                        continue
                     for method in METHODS:
                         if args.packed:
                             errs = check_packed(rank, P, family, gate, method, dtype, backend,

@@ -32,7 +32,16 @@ import traceback
 
 import torch
 
-from lsp.testing import FAMILIES, GATES, call, make_inputs, naive_for, outputs_and_grads, rel_err, upcast
+from lsp.testing import (
+    FAMILIES,
+    GATES,
+    call,
+    make_inputs,
+    naive_for,
+    outputs_and_grads,
+    rel_err,
+    upcast,
+)
 
 TOL = {"bf16": 1e-2, "fp32": 1e-4}
 DT = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -100,7 +109,8 @@ def run_check(c):
 
 
 def check_line(r):
-    tag = f"{r['family']:16s} {r['gate']:4s} {r['dtype']:4s} H={r['H']:2d} K={r['K']:3d} V={r['V']:3d}"
+    tag = (f"{r['family']:16s} {r['gate']:4s} {r['dtype']:4s} H={r['H']:2d} K={r['K']:3d} "
+           f"V={r['V']:3d}")
     if "error" in r:
         return f"FAIL {tag}: {r['error']}"
     return (f"{'ok  ' if r['ok'] else 'FAIL'} {tag} worst={r['worst']:.2e} (tol {r['tol']:.0e}) "

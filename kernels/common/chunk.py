@@ -178,8 +178,9 @@ def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
         q, k, w if w is not None else d, G if G is not None else d,
         Aqk if Aqk is not None else d, do, dh if dh is not None else d,
         dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
-        *cfg.state_pointers(d), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate, DELTA=cfg.delta, MODE=mode,
-        HAS_DS0=ds0 is not None, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK), **cfg.consts())
+        *cfg.state_pointers(d), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate,
+        DELTA=cfg.delta, MODE=mode, HAS_DS0=ds0 is not None, IP=cfg.IP,
+        num_warps=grad_num_warps(cfg.BK), **cfg.consts())
     return ds_start
 
 

@@ -15,6 +15,10 @@ Layout, one folder per family as in flash-linear-attention:
 - ``conv/``: the layers' short causal depthwise convolution on the ``[B, T, C]`` layout
   (``short_conv``; ``model.conv_backend=triton``).
 
+Packed documents (``cu_seqlens``) follow fla's convention: a chunk never straddles a document,
+the per-chunk kernels read (document, chunk) from ``chunk_indices`` (``common/utils.py``) under a
+constexpr ``IS_VARLEN``, and the state passes run one program per document, head and value block.
+
 The per-token float64 oracles live beside the torch path in ``lsp/ops/*/naive.py``.
 """
 

@@ -204,7 +204,10 @@ def main():
     ap.add_argument("--workers", type=int, default=8, help="worker processes (checks, warm-ups)")
     ap.add_argument("--budget", type=float, default=240.0,
                     help="seconds for the whole script; unfinished checks are reported as such")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: check,time")
+    ap.add_argument("--skip", default="",
+                    help="comma list of sections to skip: check, time, warm (the warm-ups that "
+                         "compile the timed kernels; a run with --skip time may still fill the "
+                         "Triton cache for a later timing run)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import triton
@@ -239,7 +242,7 @@ def main():
     pool = mp.get_context("spawn").Pool(args.workers, initializer=bp._worker_init,
                                         initargs=(n_gpus,))
     warm_h = []
-    if "time" not in skip:  # first in the queue: the timing waits for them
+    if "warm" not in skip:  # first in the queue: the timing waits for them
         warm_h = [(dict(family=f, gate=g, packed=p), pool.apply_async(bp.warm, (f, g, p)))
                   for f, g in timed_ops for p in (False, True)]
     handles = None

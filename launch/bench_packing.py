@@ -151,6 +151,8 @@ def packings(T: int, seed: int = 0) -> dict:
     out = {
         "1 doc (dense call)": None,
         "1 doc (cu_seqlens)": [0, T],
+        # what one long document costs with one segment a document (as a packed call has)
+        ONE_SEGMENT: None,
         f"{T // 4096} x 4K": list(range(0, T + 1, 4096)),
         f"{len(lens)} random (mean {T // len(lens)})": [0] + [sum(lens[: i + 1])
                                                              for i in range(len(lens))],
@@ -161,6 +163,9 @@ def packings(T: int, seed: int = 0) -> dict:
     out[f"{long_doc // 1024}K + {(T - long_doc) // 256} x 256"] = (
         [0] + list(range(long_doc, T + 1, 256)))
     return out
+
+
+ONE_SEGMENT = "1 doc (dense, 1 segment)"
 
 
 def timed(run, reps, warmup=2):
@@ -266,6 +271,8 @@ def main():
             for name, offsets in packings(T).items():
                 cu = (None if offsets is None
                       else torch.tensor(offsets, dtype=torch.int32, device="cuda"))
+                if name == ONE_SEGMENT:  # read by lsp.kernels.common.utils.choose_segments
+                    os.environ["LSP_KERNELS_SEGMENTS"] = "1"
                 try:
                     ms, ts = timed(fwd_bwd(family, a, cu), args.reps)
                     base = ms if base is None else base
@@ -278,6 +285,7 @@ def main():
                     row = dict(family=family, gate=gate, layout=name, error=repr(exc)[:500],
                                trace=traceback.format_exc()[-2000:])
                     log(f"  {family} {name}: ERROR {exc!r}")
+                os.environ.pop("LSP_KERNELS_SEGMENTS", None)
                 rows.append(row)
                 result["timing"] = rows
                 save()

@@ -134,6 +134,10 @@ def warm(family, gate, packed):
         cu = (torch.tensor([0, 1000, 1064, 3000, T], dtype=torch.int32, device="cuda")
               if packed else None)
         fwd_bwd(family, a, cu)()
+        if not packed:  # and the one-segment build (no start state from a scan)
+            os.environ["LSP_KERNELS_SEGMENTS"] = "1"
+            fwd_bwd(family, a, cu)()
+            os.environ.pop("LSP_KERNELS_SEGMENTS")
         torch.cuda.synchronize()
         return dict(family=family, gate=gate, packed=packed, ok=True, seconds=time.time() - t0)
     except Exception as exc:

@@ -16,6 +16,10 @@ Layout, one folder per family as in flash-linear-attention:
 - ``conv/``: the layers' short causal depthwise convolution on the ``[B, T, C]`` layout
   (``short_conv``; ``model.conv_backend=triton``).
 
+Packed documents (``cu_seqlens``) follow fla's convention: a chunk never straddles a document,
+the per-chunk kernels read (document, chunk) from ``chunk_indices`` (``common/utils.py``) under a
+constexpr ``IS_VARLEN``, and the state passes run one program per document, head and value block.
+
 The per-token float64 oracles live beside the torch path in ``lsp/ops/*/naive.py``.
 """
 
@@ -78,31 +82,82 @@ def _check(op, q, v, chunk_size):
         )
 
 
+def _check_packed(op, q, v, cu_seqlens, initial_state):
+    """A packed call's offsets (``B = 1``, int32 / int64 ``[N+1]`` on ``q``'s device, strictly
+    increasing from 0 to T) and per-document initial states ``[N, H, K, V]``.
+
+    Reads the offsets on the host (one sync, next to the one that sizes the chunk table).
+    Returns the offsets, or None when there is a single document: that call is exactly the
+    dense call of ``B = 1`` (same chunks, states ``[1, H, K, V]``), which keeps the in-GPU
+    segment split.
+    """
+    import torch
+
+    if cu_seqlens is None:
+        return None
+    B, T, H, K = q.shape
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32,
+                                                                             torch.int64):
+        raise ValueError(f"{op}: cu_seqlens must be an int32 or int64 tensor [N+1] of document "
+                         f"offsets, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens has shape {list(cu_seqlens.shape)}; it must be 1-D "
+                         "[N+1] with N >= 1 documents")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
+                         f"move it to {q.device}")
+    if B != 1:
+        raise ValueError(f"{op}: cu_seqlens needs a batch of 1 (documents packed along T), got "
+                         f"B={B}; reshape to [1, B*T, H, D] with offsets for every document")
+    cu = cu_seqlens.tolist()
+    bad = [i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]]
+    if cu[0] != 0 or cu[-1] != T or bad:
+        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T={T}, got "
+                         f"{cu[0]} ... {cu[-1]}" + (f" (not increasing at index {bad[0]})"
+                                                    if bad else "")
+                         + "; drop empty documents and end the offsets at T")
+    N = len(cu) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, v.shape[-1]):
+        raise ValueError(f"{op}: initial_state has shape {list(initial_state.shape)}; with "
+                         f"cu_seqlens of {N} documents it must be [N, H, K, V] = "
+                         f"[{N}, {H}, {K}, {v.shape[-1]}]")
+    return None if N == 1 else cu_seqlens
+
+
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None):
+                     output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None,
+                     cu_seqlens=None):
     """Chunkwise linear attention on the Triton kernels (contract of ``lsp.ops.linear_attention``).
 
     ``chunk_size`` (16, 32 or 64) and ``num_segments`` (in-GPU sequence segments; None: by rule,
     see ``common/utils.choose_segments``) are tuning knobs with no effect on the result beyond
-    rounding. Returns ``(o, S)``: ``o`` in ``v.dtype``, ``S`` ``[B,H,K,V]`` float32 or None.
+    rounding. ``cu_seqlens``: packed documents (fla's form: ``B = 1``, int32 / int64 ``[N+1]``
+    offsets on the inputs' device; per-document ``initial_state`` and final state
+    ``[N, H, K, V]``), exact with no padding of documents to the chunk size; ``num_segments``
+    does not apply there (one segment per document). Returns ``(o, S)``: ``o`` in ``v.dtype``,
+    ``S`` ``[B,H,K,V]`` (``[N,H,K,V]``) float32 or None.
     """
     _check("linear_attention", q, v, chunk_size)
+    cu_seqlens = _check_packed("linear_attention", q, v, cu_seqlens, initial_state)
     from .linear_attn import chunk_linear_attention
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state,
-                                  output_final_state, chunk_size, num_segments)
+                                  output_final_state, chunk_size, num_segments, cu_seqlens)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
-               output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None):
-    """Chunkwise (gated) delta rule on the Triton kernels (contract of ``lsp.ops.delta_rule``)."""
+               output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None,
+               cu_seqlens=None):
+    """Chunkwise (gated) delta rule on the Triton kernels (contract of ``lsp.ops.delta_rule``;
+    ``cu_seqlens`` as for :func:`linear_attention`)."""
     _check("delta_rule", q, v, chunk_size)
+    cu_seqlens = _check_packed("delta_rule", q, v, cu_seqlens, initial_state)
     from .delta_net import chunk_delta_rule
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state,
-                            output_final_state, chunk_size, num_segments)
+                            output_final_state, chunk_size, num_segments, cu_seqlens)
 
 
 __all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

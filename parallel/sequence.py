@@ -371,7 +371,7 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     name = f"sequence_parallel: {spec.family.value}"
     call = _bind(op, args, kwargs)  # the op's own checks of the shard
     T = call.q.shape[1]
-    # the op's packed checks of this shard (a batch of 1, a backend that takes offsets)
+    # the op's packed checks of this shard (a batch of 1; a backend that can run here)
     _bind(op, args, dict(kwargs, cu_seqlens=torch.tensor([0, T])))
     _require_dist()
     P, rank = dist.get_world_size(group), dist.get_rank(group)

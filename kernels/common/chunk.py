@@ -13,6 +13,13 @@ Backward recomputes ``G``, ``W``, ``U`` (from the kept ``Ai`` where there is one
 states ``h`` from the saved segment start states (in parallel over segments), runs the reverse state pass the same way (pairs of gradient
 segments scanned with ``A_p^T``), then the per-chunk gradient kernels. Only the inputs, the
 segment start states ``[B, H, P, K, V]`` and the segment transitions are kept between the two.
+
+Packed documents (``cu_seqlens``, ``B = 1``) follow fla's convention: chunks never straddle a
+document (``utils.Varlen``: the table of (document, chunk) built once per call), the per-chunk
+kernels take ``IS_VARLEN`` and read each chunk's document start and length from the offsets, and
+the state passes run one program per (document, head, value block) with one segment per document
+(``P = 1``), reading and writing per-document initial and final states ``[N, H, K, V]``. Dense
+calls build the ``IS_VARLEN=False`` kernels, which never read the offsets.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .pairwise import pairwise_bwd, pairwise_fwd
 from .state import state_bwd_kernel, state_fwd_kernel
 from .utils import (
     SUB_CHUNK,
+    Varlen,
     choose_segments,
     dot_precision,
     grad_num_warps,
@@ -36,6 +44,7 @@ from .utils import (
     launch,
     num_warps_for,
     state_block_v,
+    varlen_pointers,
 )
 
 
@@ -55,12 +64,16 @@ WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk
 class _Cfg:
     """Shapes and block sizes of one call."""
 
-    def __init__(self, q, v, g, beta, chunk_size, num_segments):
+    def __init__(self, q, v, g, beta, chunk_size, num_segments, varlen: Varlen | None):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.dtype = q.dtype
         self.BT = chunk_size
-        self.NT = triton.cdiv(self.T, self.BT)
+        self.varlen = varlen
+        # chunks over all sequences (per batch row, or in total over packed documents)
+        self.NT = varlen.NT if varlen is not None else triton.cdiv(self.T, self.BT)
+        # sequences of the state passes: batch rows, or documents
+        self.NB = varlen.N if varlen is not None else self.B
         self.gate = Gate.of(g)
         self.delta = beta is not None
         self.BK = next_pow2(self.K)
@@ -68,13 +81,28 @@ class _Cfg:
         self.NV = triton.cdiv(self.V, self.BV)
         self.IP = dot_precision(q.dtype)
         self.warps = num_warps_for(self.BK)
-        self.P, self.SEG = choose_segments(self.B, self.H, self.NV, self.NT, q.device, num_segments)
+        if varlen is not None:  # one segment per document (see the module docstring)
+            self.P, self.SEG = 1, self.NT
+        else:
+            self.P, self.SEG = choose_segments(self.B, self.H, self.NV, self.NT, q.device,
+                                               num_segments)
         self.scan_kind = 2 if self.delta else (1 if self.gate else 0)
         # the delta rule with no gate or one per head takes the WY kernels of wy.py
         self.fast_wy = self.delta and self.gate != Gate.KEY
 
     def consts(self):
-        return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, BK=self.BK, BV=self.BV)
+        return dict(H=self.H, K=self.K, V=self.V, BT=self.BT, BK=self.BK, BV=self.BV,
+                    IS_VARLEN=self.varlen is not None)
+
+    def chunk_pointers(self, dummy):
+        """``(cu_seqlens, chunk_indices)`` for the per-chunk kernels."""
+        return varlen_pointers(self.varlen, dummy)
+
+    def state_pointers(self, dummy):
+        """``(cu_seqlens, chunk_offsets)`` for the state passes."""
+        if self.varlen is None:
+            return dummy, dummy
+        return self.varlen.cu_seqlens, self.varlen.chunk_offsets
 
 
 def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
@@ -84,9 +112,10 @@ def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
     TA = (torch.empty(B, T, H, cfg.BT, dtype=torch.float32, device=k.device) if store_ta else w)
     BC = min(SUB_CHUNK, cfg.BT)
     launch(intra_fwd_kernel, (cfg.NT, B * H),
-        k, v, beta, G if G is not None else k, Pm if Pm is not None else k, w, u, TA, T,
-        H=H, K=cfg.K, V=cfg.V, BT=cfg.BT, BC=BC, NC=cfg.BT // BC, BKI=min(cfg.BK, 64),
-        BVI=min(next_pow2(cfg.V), 64), GATE=cfg.gate, STORE_TA=store_ta, IP=cfg.IP, num_warps=4)
+        k, v, beta, G if G is not None else k, Pm if Pm is not None else k, w, u, TA,
+        *cfg.chunk_pointers(k), T, H=H, K=cfg.K, V=cfg.V, BT=cfg.BT, BC=BC, NC=cfg.BT // BC,
+        BKI=min(cfg.BK, 64), BVI=min(next_pow2(cfg.V), 64), GATE=cfg.gate, STORE_TA=store_ta,
+        IP=cfg.IP, IS_VARLEN=cfg.varlen is not None, num_warps=4)
     return w, u, (TA if store_ta else None)
 
 
@@ -95,9 +124,9 @@ def _kkt_solve(cfg: _Cfg, k, beta, G):
     Ai = torch.empty(cfg.B, cfg.T, cfg.H, cfg.BT, dtype=k.dtype, device=k.device)
     BC = min(SUB_CHUNK, cfg.BT)
     launch(wy.kkt_solve_kernel, (cfg.NT, cfg.B * cfg.H),
-        k, beta, G if G is not None else k, Ai, k, k, cfg.T, H=cfg.H, K=cfg.K, BT=cfg.BT,
-        BC=BC, NC=cfg.BT // BC, BK=min(cfg.BK, WY_FAST["kkt_bk"]), GATE=cfg.gate,
-        IS_VARLEN=False, IP=cfg.IP, num_warps=WY_FAST["kkt_warps"])
+        k, beta, G if G is not None else k, Ai, *cfg.chunk_pointers(k), cfg.T, H=cfg.H, K=cfg.K,
+        BT=cfg.BT, BC=BC, NC=cfg.BT // BC, BK=min(cfg.BK, WY_FAST["kkt_bk"]), GATE=cfg.gate,
+        IS_VARLEN=cfg.varlen is not None, IP=cfg.IP, num_warps=WY_FAST["kkt_warps"])
     return Ai
 
 
@@ -105,19 +134,22 @@ def _wu(cfg: _Cfg, k, v, beta, G, Ai):
     w = torch.empty_like(k)
     u = torch.empty_like(v)
     launch(wy.wu_kernel, (cfg.NT, cfg.B * cfg.H),
-        k, v, beta, G if G is not None else k, Ai, w, u, k, k, cfg.T, H=cfg.H, K=cfg.K,
-        V=cfg.V, BT=cfg.BT, BW=min(max(cfg.BK, next_pow2(cfg.V)), WY_FAST["wu_bk"]),
-        GATE=cfg.gate, IS_VARLEN=False,
-        IP=cfg.IP, num_warps=WY_FAST["wu_warps"])
+        k, v, beta, G if G is not None else k, Ai, w, u, *cfg.chunk_pointers(k), cfg.T,
+        H=cfg.H, K=cfg.K, V=cfg.V, BT=cfg.BT,
+        BW=min(max(cfg.BK, next_pow2(cfg.V)), WY_FAST["wu_bk"]), GATE=cfg.gate,
+        IS_VARLEN=cfg.varlen is not None, IP=cfg.IP, num_warps=WY_FAST["wu_warps"])
     return w, u
 
 
 def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
     """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U (and
     ``Ai``, which the scalar-gate delta rule computes once in the forward and keeps)."""
-    G = chunk_cumsum(g, cfg.BT) if cfg.gate else None
-    Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False) if cfg.gate == Gate.KEY else None
-    Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True) if cfg.gate == Gate.KEY and cfg.delta else None
+    vl = cfg.varlen
+    G = chunk_cumsum(g, cfg.BT, vl) if cfg.gate else None
+    Aqk = (pairwise_fwd(q, k, G, scale, cfg.BT, strict=False, varlen=vl)
+           if cfg.gate == Gate.KEY else None)
+    Pm = (pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True, varlen=vl)
+          if cfg.gate == Gate.KEY and cfg.delta else None)
     w = u = TA = None
     if cfg.fast_wy:
         if Ai is None:
@@ -133,12 +165,12 @@ def _state_fwd(cfg, mode, q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_de
     extra = triton.cdiv(cfg.K, cfg.BV) if (mode == 0 and cfg.delta) else 0
     P = cfg.P
     d = q  # stand-in for pointers a mode does not use
-    launch(state_fwd_kernel, (cfg.NV + extra, cfg.B * cfg.H, P),
+    launch(state_fwd_kernel, (cfg.NV + extra, cfg.NB * cfg.H, P),
         q, k, u, w if w is not None else d, G if G is not None else d,
         Aqk if Aqk is not None else d, o if o is not None else d, h if h is not None else d,
         r if r is not None else d, s0 if s0 is not None else d,
         s_end if s_end is not None else d, a_pair if a_pair is not None else d,
-        seg_dec if seg_dec is not None else d,
+        seg_dec if seg_dec is not None else d, *cfg.state_pointers(d),
         scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, NV=cfg.NV, GATE=cfg.gate, DELTA=cfg.delta,
         MODE=mode, HAS_S0=s0 is not None, STORE_END=store_end, IP=cfg.IP,
         num_warps=cfg.warps, **cfg.consts())
@@ -178,15 +210,16 @@ GRAD_KERNEL_STAGES = 1
 
 
 def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
-    ds_start = torch.empty(cfg.B, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
+    ds_start = torch.empty(cfg.NB, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
                            device=q.device)
     d = q
-    launch(state_bwd_kernel, (cfg.NV, cfg.B * cfg.H, cfg.P),
+    launch(state_bwd_kernel, (cfg.NV, cfg.NB * cfg.H, cfg.P),
         q, k, w if w is not None else d, G if G is not None else d,
         Aqk if Aqk is not None else d, do, dh if dh is not None else d,
         dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
-        scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate, DELTA=cfg.delta, MODE=mode,
-        HAS_DS0=ds0 is not None, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK), **cfg.consts())
+        *cfg.state_pointers(d), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate,
+        DELTA=cfg.delta, MODE=mode, HAS_DS0=ds0 is not None, IP=cfg.IP,
+        num_warps=grad_num_warps(cfg.BK), **cfg.consts())
     return ds_start
 
 
@@ -195,12 +228,13 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, chunk_size,
-                num_segments):
+                num_segments, cu_seqlens):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         beta = beta.contiguous() if beta is not None else None
         g = g.contiguous() if g is not None else None
-        cfg = _Cfg(q, v, g, beta, chunk_size, num_segments)
-        B, H, K, V, P = cfg.B, cfg.H, cfg.K, cfg.V, cfg.P
+        varlen = Varlen.of(cu_seqlens, chunk_size) if cu_seqlens is not None else None
+        cfg = _Cfg(q, v, g, beta, chunk_size, num_segments, varlen)
+        B, H, K, V, P = cfg.NB, cfg.H, cfg.K, cfg.V, cfg.P
         init = None
         if initial_state is not None:
             init = initial_state.detach().to(torch.float32).contiguous()
@@ -240,6 +274,7 @@ class ChunkFunction(torch.autograd.Function):
         q, k, v, beta, g, s0, a_pair, seg_dec, Ai = ctx.saved_tensors
         cfg, scale = ctx.cfg, ctx.scale
         B, T, H, K, V, P, BT, NT = cfg.B, cfg.T, cfg.H, cfg.K, cfg.V, cfg.P, cfg.BT, cfg.NT
+        vl = cfg.varlen
         dev = q.device
         f32 = dict(dtype=torch.float32, device=dev)
         do = do.contiguous()
@@ -280,12 +315,13 @@ class ChunkFunction(torch.autograd.Function):
         dAqk = torch.empty(B, T, H, BT, **f32) if vec else dq
         launch(grad_kernel, (NT, B * H),
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
-            dG, dGl, dg if dg is not None else dq, dAqk, scale, T, NT, GATE=cfg.gate,
+            dG, dGl, dg if dg is not None else dq, dAqk, *cfg.chunk_pointers(q), scale, T, NT,
+            GATE=cfg.gate,
             DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK),
             num_stages=GRAD_KERNEL_STAGES, **cfg.consts())
         del h, dh
         if vec:
-            pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG)
+            pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG, varlen=vl)
             del dAqk
 
         dbeta = None
@@ -296,38 +332,40 @@ class ChunkFunction(torch.autograd.Function):
             dP = torch.empty(B, T, H, BT, **f32) if vec else dk
             wy_args = (k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w,
                        u, dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk,
-                       dP, T, NT)
+                       dP, *cfg.chunk_pointers(k), T, NT)
             if cfg.fast_wy:
                 scratch = torch.empty_like(Ai)
                 launch(wy.wy_bwd_scalar_kernel, (NT, B * H), k, v, beta,
                        G if G is not None else k, Ai, dw, dr, dk, dk_out, dv, dbeta, dG, dGl,
-                       dg if dg is not None else dk, scratch, k, k,
-                       T, NT, H=H, K=K, V=V, BT=BT,
+                       dg if dg is not None else dk, scratch, *cfg.chunk_pointers(k), T, NT,
+                       H=H, K=K, V=V, BT=BT,
                        BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
-                       IS_VARLEN=False,
-                       IP=cfg.IP, num_warps=WY_FAST["bwd_warps"])
+                       IS_VARLEN=vl is not None, IP=cfg.IP, num_warps=WY_FAST["bwd_warps"])
             elif cfg.BK <= WY_SINGLE_TILE_MAX_K:
                 launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT, BK=cfg.BK,
-                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK))
+                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, IS_VARLEN=vl is not None,
+                       num_warps=grad_num_warps(cfg.BK))
             else:
                 launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
                        BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate, IP=cfg.IP,
-                       num_warps=8)
+                       IS_VARLEN=vl is not None, num_warps=8)
             dk = dk_out
             if vec:
-                pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG)
+                pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG, varlen=vl)
         else:
             dv = dr
         if vec:
-            dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, dg, dinit, None, None, None, None)
+            dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype, varlen=vl)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, dg, dinit, None, None, None, None,
+                None)
 
 
 def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
-                  num_segments):
-    """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``."""
+                  num_segments, cu_seqlens=None):
+    """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``; with ``cu_seqlens``
+    the states are per document, ``[N, H, K, V]``."""
     out = ChunkFunction.apply(q, k, v, beta, g, initial_state, scale, output_final_state,
-                              chunk_size, num_segments)
+                              chunk_size, num_segments, cu_seqlens)
     if output_final_state:
         return out
     return out, None

@@ -21,30 +21,40 @@ import triton.language as tl
 
 @triton.jit(do_not_specialize=["scale", "T", "NT"])
 def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
-                scale, T, NT,
+                cu_seqlens, chunk_indices, scale, T, NT,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
-                FINAL_G: tl.constexpr, IP: tl.constexpr):
+                FINAL_G: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H)``.
 
     Writes ``dq`` and ``dk`` (in their tensors' dtypes: final values, or float32 partial sums that
     later kernels complete), ``dw`` (delta rule, in its tensor's dtype), and for gates either the
     final ``dg`` (``FINAL_G``: scalar gate of linear attention) or per-token ``dG`` and per-chunk
-    ``dGl`` (float32), and ``dAqk`` for per-channel gates.
+    ``dGl`` (float32), and ``dAqk`` for per-channel gates. Packed documents (``IS_VARLEN``,
+    ``B = 1``): one program per row of ``chunk_indices``; ``h``, ``dh`` and ``dGl`` by global chunk.
     """
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T
-    row = (i_b * T + o_t) * H + i_h
-    row_l = (i_b * T + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h
+    row = (bos + o_t) * H + i_h
+    row_l = (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    hbase = ((i_b * NT + i_t) * H + i_h) * K
+    hbase = (i_c * H + i_h) * K
 
     b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
@@ -93,7 +103,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
         b_dG = b_dqg * b_qf * b_eg - b_kdd
         b_dgl = tl.sum(b_kdd, axis=0) + tl.exp(b_gl) * b_hdh
         tl.store(dG + row[:, None] * K + o_k[None, :], b_dG, mask=m_tk)
-        tl.store(dGl + ((i_b * NT + i_t) * H + i_h) * K + o_k, b_dgl, mask=m_k)
+        tl.store(dGl + (i_c * H + i_h) * K + o_k, b_dgl, mask=m_k)
         tl.store(dAqk + row[:, None] * BT + o_i[None, :], b_dA, mask=m_t[:, None])
     else:
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale
@@ -127,7 +137,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
                 tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
             else:
                 tl.store(dG + row, b_dG, mask=m_t)
-                tl.store(dGl + (i_b * NT + i_t) * H + i_h, b_dgl)
+                tl.store(dGl + i_c * H + i_h, b_dgl)
     tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:

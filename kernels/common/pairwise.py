@@ -18,32 +18,40 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SUB_CHUNK, dot_precision, launch, next_pow2
+from .utils import SUB_CHUNK, dot_precision, launch, next_pow2, varlen_pointers
 
 
 @triton.jit(do_not_specialize=["xscale", "T"])
-def pairwise_fwd_kernel(x, y, G, out, xscale, T,
+def pairwise_fwd_kernel(x, y, G, out, cu_seqlens, chunk_indices, xscale, T,
                         H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         BKP: tl.constexpr, NC: tl.constexpr, STRICT: tl.constexpr,
-                        IP: tl.constexpr):
+                        IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only
         return
     o_r = (t_s + o_c).to(tl.int64)
     m_r = o_r < T
-    row_r = (i_b * T + o_r) * H + i_h
-    row_ref = (i_b * T + t_s - 1) * H + i_h
+    row_r = (bos + o_r) * H + i_h
+    row_ref = (bos + t_s - 1) * H + i_h
 
     for j in range(i_s):
         o_j = (i_t * BT + j * BC + o_c).to(tl.int64)
         m_j = o_j < T
-        row_j = (i_b * T + o_j) * H + i_h
+        row_j = (bos + o_j) * H + i_h
         acc = tl.zeros([BC, BC], dtype=tl.float32)
         for kb in range(tl.cdiv(K, BKP)):
             o_k = kb * BKP + tl.arange(0, BKP)
@@ -73,7 +81,7 @@ def pairwise_fwd_kernel(x, y, G, out, xscale, T,
         for jj in range(BC):
             t_j = t_s + jj
             m_kj = m_k & ((o_k * 0 + t_j) < T)
-            row_tj = (i_b * T + t_j) * H + i_h
+            row_tj = (bos + t_j) * H + i_h
             b_yj = tl.load(y + row_tj * K + o_k, mask=m_kj, other=0.0).to(tl.float32)
             b_gj = tl.load(G + row_tj * K + o_k, mask=m_kj, other=0.0)
             if STRICT:
@@ -91,10 +99,10 @@ def pairwise_fwd_kernel(x, y, G, out, xscale, T,
 
 
 @triton.jit(do_not_specialize=["xscale", "T"])
-def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
+def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, cu_seqlens, chunk_indices, xscale, T,
                         H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         BKP: tl.constexpr, NC: tl.constexpr, SAME: tl.constexpr,
-                        IP: tl.constexpr):
+                        IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H, NC)``: sub-chunk ``s`` gets ``dx`` from its row blocks of ``dM`` and
     ``dy`` from its column blocks; all three results are added into their float32 buffers."""
     i_t = tl.program_id(0)
@@ -102,17 +110,25 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
     i_s = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only
         return
     o_r = (t_s + o_c).to(tl.int64)
     m_r = o_r < T
-    row_r = (i_b * T + o_r) * H + i_h
+    row_r = (bos + o_r) * H + i_h
     # split point for the blocks left of the diagonal: the row just before this sub-chunk
-    row_ref = (i_b * T + t_s - 1) * H + i_h
+    row_ref = (bos + t_s - 1) * H + i_h
     # split point for the blocks below the diagonal: this sub-chunk's last valid row
-    row_ref2 = (i_b * T + tl.minimum(t_s + BC, T) - 1) * H + i_h
+    row_ref2 = (bos + tl.minimum(t_s + BC, T) - 1) * H + i_h
 
     for kb in range(tl.cdiv(K, BKP)):
         o_k = kb * BKP + tl.arange(0, BKP)
@@ -132,7 +148,7 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
         for j in range(i_s):
             o_j = (i_t * BT + j * BC + o_c).to(tl.int64)
             m_j = o_j < T
-            row_j = (i_b * T + o_j) * H + i_h
+            row_j = (bos + o_j) * H + i_h
             m_jk = m_j[:, None] & m_k[None, :]
             b_yj = tl.load(y + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
             b_gj = tl.load(G + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0)
@@ -144,7 +160,7 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
         for jj in range(BC):
             t_j = t_s + jj
             m_kj = m_k & ((o_k * 0 + t_j) < T)
-            row_tj = (i_b * T + t_j) * H + i_h
+            row_tj = (bos + t_j) * H + i_h
             b_yj = tl.load(y + row_tj * K + o_k, mask=m_kj, other=0.0).to(tl.float32)
             b_gj = tl.load(G + row_tj * K + o_k, mask=m_kj, other=0.0)
             b_dmc = tl.load(dM + row_r * BT + i_s * BC + jj, mask=m_r, other=0.0)
@@ -158,7 +174,7 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
         for i in range(i_s + 1, NC):
             o_j = (i_t * BT + i * BC + o_c).to(tl.int64)
             m_j = o_j < T
-            row_j = (i_b * T + o_j) * H + i_h
+            row_j = (bos + o_j) * H + i_h
             m_jk = m_j[:, None] & m_k[None, :]
             b_xi = tl.load(x + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0).to(tl.float32)
             b_gi = tl.load(G + row_j[:, None] * K + o_k[None, :], mask=m_jk, other=0.0)
@@ -171,7 +187,7 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
             t_r = t_s + tt
             m_kr = m_k & ((o_k * 0 + t_r) < T)
             m_cr = m_r & ((o_c * 0 + t_r) < T)
-            row_tr = (i_b * T + t_r) * H + i_h
+            row_tr = (bos + t_r) * H + i_h
             b_xt = tl.load(x + row_tr * K + o_k, mask=m_kr, other=0.0).to(tl.float32)
             b_gt = tl.load(G + row_tr * K + o_k, mask=m_kr, other=0.0)
             b_dmr = tl.load(dM + row_tr * BT + i_s * BC + o_c, mask=m_cr, other=0.0)
@@ -191,28 +207,32 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, xscale, T,
         tl.store(dG + p_rk, tl.load(dG + p_rk, mask=m_rk, other=0.0) + b_dg, mask=m_rk)
 
 
-def _sizes(x: torch.Tensor, BT: int):
+def _sizes(x: torch.Tensor, BT: int, varlen):
     B, T, H, K = x.shape
     BC = min(SUB_CHUNK, BT)
-    return B, T, H, K, BC, BT // BC, min(next_pow2(K), 64), triton.cdiv(T, BT)
+    NT = varlen.NT if varlen is not None else triton.cdiv(T, BT)
+    return B, T, H, K, BC, BT // BC, min(next_pow2(K), 64), NT
 
 
 def pairwise_fwd(x: torch.Tensor, y: torch.Tensor, G: torch.Tensor, xscale: float, BT: int,
-                 strict: bool) -> torch.Tensor:
-    """``M`` ``[B, T, H, BT]`` float32 (see the module docstring)."""
-    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT)
+                 strict: bool, varlen=None) -> torch.Tensor:
+    """``M`` ``[B, T, H, BT]`` float32 (see the module docstring); ``varlen``
+    (``utils.Varlen``): packed documents, whose chunks never straddle a boundary."""
+    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT, varlen)
     out = torch.empty(B, T, H, BT, dtype=torch.float32, device=x.device)
     launch(pairwise_fwd_kernel, (NT, B * H, NC),
-        x, y, G, out, xscale, T, H=H, K=K, BT=BT, BC=BC, BKP=BKP, NC=NC, STRICT=strict,
-        IP=dot_precision(x.dtype), num_warps=4)
+        x, y, G, out, *varlen_pointers(varlen, x), xscale, T, H=H, K=K, BT=BT, BC=BC, BKP=BKP,
+        NC=NC, STRICT=strict, IP=dot_precision(x.dtype), IS_VARLEN=varlen is not None,
+        num_warps=4)
     return out
 
 
 def pairwise_bwd(dM: torch.Tensor, x: torch.Tensor, y: torch.Tensor, G: torch.Tensor,
                  xscale: float, BT: int, dx: torch.Tensor, dy: torch.Tensor,
-                 dG: torch.Tensor) -> None:
+                 dG: torch.Tensor, varlen=None) -> None:
     """Add the gradients of ``pairwise_fwd`` into float32 ``dx``, ``dy`` (may be ``dx``), ``dG``."""
-    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT)
+    B, T, H, K, BC, NC, BKP, NT = _sizes(x, BT, varlen)
     launch(pairwise_bwd_kernel, (NT, B * H, NC),
-        dM, x, y, G, dx, dy, dG, xscale, T, H=H, K=K, BT=BT, BC=BC, BKP=BKP, NC=NC,
-        SAME=dx is dy, IP=dot_precision(x.dtype), num_warps=4)
+        dM, x, y, G, dx, dy, dG, *varlen_pointers(varlen, x), xscale, T, H=H, K=K, BT=BT,
+        BC=BC, BKP=BKP, NC=NC, SAME=dx is dy, IP=dot_precision(x.dtype),
+        IS_VARLEN=varlen is not None, num_warps=4)

@@ -69,23 +69,49 @@ def _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: 
     return b_AT
 
 
+@triton.jit
+def _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT: tl.constexpr,
+              IS_VARLEN: tl.constexpr):
+    """``(bos, T, first global chunk, n0, n1)`` of the state pass of sequence ``i_b`` (batch
+    row or packed document) and segment ``i_p``: its chunks are ``n0 <= n < n1`` (local),
+    its rows ``bos + t`` for ``t < T``, its per-chunk buffers at ``first + n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
+        first = tl.load(chunk_offsets + i_b).to(tl.int64)
+        T = eos - bos
+        n0 = 0
+        n1 = tl.cdiv(T, BT).to(tl.int32)
+    else:
+        bos = i_b * T
+        first = i_b * NT
+        n0 = i_p * SEG
+        n1 = tl.minimum(n0 + SEG, NT)
+    return bos, T, first, n0, n1
+
+
 @triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
 def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
-                     scale, T, NT, SEG, P,
+                     cu_seqlens, chunk_offsets, scale, T, NT, SEG, P,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, GATE: tl.constexpr,
                      DELTA: tl.constexpr, MODE: tl.constexpr, HAS_S0: tl.constexpr,
-                     STORE_END: tl.constexpr, IP: tl.constexpr):
+                     STORE_END: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Grid ``(NV [+ cdiv(K, BV) identity blocks in MODE 0 of the delta rule], B*H, P)``.
 
     ``u`` is ``U`` (delta rule) or ``v``; ``s0`` ``[B,H,P,K,V]`` start states (``HAS_S0``);
     ``s_end``: ``B_p`` ``[B,H,P,K,V]`` in MODE 0, the final state ``[B,H,K,V]`` in MODE 1.
+    Packed documents (``IS_VARLEN``): the grid's second axis is ``N*H`` (one program per
+    document, head and value block, ``P = 1``), ``s0`` and ``s_end`` are per document
+    (``[N,H,K,V]``) and ``h`` is indexed by global chunk through ``chunk_offsets``.
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_p = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
+    bos, T, first, n0, n1 = _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT,
+                                      IS_VARLEN)
     dt = k.dtype.element_ty
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -105,13 +131,11 @@ def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
             S += ((o_k[:, None] == o_a[None, :]) & m_a[None, :]).to(tl.float32)
     dec = tl.zeros([BK], dtype=tl.float32)
 
-    n0 = i_p * SEG
-    n1 = tl.minimum(n0 + SEG, NT)
     for n in range(n0, n1):
         o_t = (n * BT + o_i).to(tl.int64)
         m_t = o_t < T
-        row = (i_b * T + o_t) * H + i_h
-        row_l = (i_b * T + tl.minimum(n * BT + BT, T) - 1) * H + i_h
+        row = (bos + o_t) * H + i_h
+        row_l = (bos + tl.minimum(n * BT + BT, T) - 1) * H + i_h
         m_tk = m_t[:, None] & m_k[None, :]
         m_tc = m_t[:, None] & m_c[None, :]
         b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
@@ -129,7 +153,7 @@ def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
         else:
             b_r = tl.load(u + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
         if MODE == 2:
-            p_h = h + (((i_b * NT + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
+            p_h = h + (((first + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
             tl.store(p_h, S.to(h.dtype.element_ty), mask=m_kc)
             if DELTA:
                 tl.store(r + row[:, None] * V + o_c[None, :], b_r.to(r.dtype.element_ty),
@@ -175,24 +199,28 @@ def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
-def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start,
+def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, chunk_offsets,
                      scale, T, NT, SEG, P,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                      DELTA: tl.constexpr, MODE: tl.constexpr, HAS_DS0: tl.constexpr,
-                     IP: tl.constexpr):
+                     IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Reverse pass, grid ``(cdiv(V, BV), B*H, P)``.
 
     ``ds0`` ``[B,H,P,K,V]``: gradient w.r.t. each segment's end state (``HAS_DS0``); the result,
     the gradient w.r.t. each segment's start state, goes to ``ds_start`` ``[B,H,P,K,V]``.
     MODE 1 also writes ``dh`` (gradient w.r.t. each chunk's end state, ``[B,NT,H,K,V]``) and
     ``dr`` (gradient w.r.t. ``R``, ``[B,T,H,V]``; for linear attention this is ``dv``).
+    Packed documents (``IS_VARLEN``) as in ``state_fwd_kernel``: grid ``(.., N*H, 1)``,
+    ``ds0`` and ``ds_start`` per document.
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_p = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
+    bos, T, first, n0, n1 = _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT,
+                                      IS_VARLEN)
     dt = k.dtype.element_ty
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -205,18 +233,16 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start,
         dS += tl.load(ds0 + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], mask=m_kc,
                       other=0.0).to(tl.float32)
 
-    n0 = i_p * SEG
-    n1 = tl.minimum(n0 + SEG, NT)
     for i in range(n1 - n0):
         n = n1 - 1 - i
         o_t = (n * BT + o_i).to(tl.int64)
         m_t = o_t < T
-        row = (i_b * T + o_t) * H + i_h
-        row_l = (i_b * T + tl.minimum(n * BT + BT, T) - 1) * H + i_h
+        row = (bos + o_t) * H + i_h
+        row_l = (bos + tl.minimum(n * BT + BT, T) - 1) * H + i_h
         m_tk = m_t[:, None] & m_k[None, :]
         m_tc = m_t[:, None] & m_c[None, :]
         if MODE == 1:
-            p_dh = dh + (((i_b * NT + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
+            p_dh = dh + (((first + n) * H + i_h) * K + o_k[:, None]) * V + o_c[None, :]
             tl.store(p_dh, dS.to(dh.dtype.element_ty), mask=m_kc)
         b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
         b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -115,3 +116,58 @@ def choose_segments(B: int, H: int, NV: int, NT: int, device: torch.device,
     SEG = -(-NT // P)
     P = -(-NT // SEG)
     return P, SEG
+
+
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
+    """``[NT_total, 2]`` int32 ``(document n, chunk c within it)`` of packed documents.
+
+    Chunks never straddle documents (fla's convention): document ``n`` of length ``L_n`` has
+    ``cdiv(L_n, BT)`` chunks, its last one ragged, so the per-chunk kernels run one program per
+    row and read ``bos = cu_seqlens[n]`` and the local length from the offsets. The total count
+    sets the grid, so this syncs with the host once per call (acceptable: the ops read the
+    offsets on the host to check them anyway).
+    """
+    counts = _chunk_counts(cu_seqlens, BT)
+    total = int(counts.sum().item())  # host sync: the grid size
+    doc = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                  output_size=total)
+    first = torch.cumsum(counts, 0) - counts  # each document's first global chunk
+    chunk = torch.arange(total, device=counts.device) - first[doc]
+    return torch.stack([doc, chunk], 1).to(torch.int32).contiguous()
+
+
+def prepare_chunk_offsets(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
+    """``[N+1]`` int32: the global index of each document's first chunk (and the total last);
+    the state passes, which loop over one document's chunks, index per-chunk buffers with it."""
+    counts = _chunk_counts(cu_seqlens, BT)
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+
+
+def _chunk_counts(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
+    lens = cu_seqlens[1:].to(torch.int64) - cu_seqlens[:-1].to(torch.int64)
+    return (lens + BT - 1) // BT
+
+
+class Varlen(NamedTuple):
+    """Packed documents of one call (``B = 1``): the offsets and the chunk tables built from
+    them once per call (``Varlen.of``)."""
+
+    cu_seqlens: torch.Tensor  # [N+1] int32 / int64 offsets, on the inputs' device
+    chunk_indices: torch.Tensor  # [NT, 2] int32 (document, chunk within it)
+    chunk_offsets: torch.Tensor  # [N+1] int32 first global chunk of each document
+    N: int  # documents
+    NT: int  # chunks over all documents
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, BT: int) -> "Varlen":
+        cu = cu_seqlens.contiguous()
+        ci = prepare_chunk_indices(cu, BT)
+        return cls(cu, ci, prepare_chunk_offsets(cu, BT), cu.numel() - 1, ci.shape[0])
+
+
+def varlen_pointers(varlen: Varlen | None, dummy: torch.Tensor):
+    """``(cu_seqlens, chunk_indices)`` for a kernel launch; a dense call (``None``) passes
+    ``dummy`` for both (its ``IS_VARLEN=False`` build never reads them)."""
+    if varlen is None:
+        return dummy, dummy
+    return varlen.cu_seqlens, varlen.chunk_indices

@@ -110,23 +110,33 @@ def _x_block(x, beta_s, G, row_s, m_s, o_d, m_d, D: tl.constexpr, K: tl.constexp
 
 
 @triton.jit(do_not_specialize=["T"])
-def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
+def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, cu_seqlens, chunk_indices, T,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BC: tl.constexpr, NC: tl.constexpr, BKI: tl.constexpr, BVI: tl.constexpr,
-                     GATE: tl.constexpr, STORE_TA: tl.constexpr, IP: tl.constexpr):
+                     GATE: tl.constexpr, STORE_TA: tl.constexpr, IP: tl.constexpr,
+                     IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H)``: ``W``, ``U`` ``[B,T,H,K|V]`` (input dtype) and optionally ``T_A``
-    ``[B,T,H,BT]`` (float32; row t holds its chunk's columns)."""
+    ``[B,T,H,BT]`` (float32; row t holds its chunk's columns). Packed documents
+    (``IS_VARLEN``, ``B = 1``): one program per row of ``chunk_indices``."""
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     dt = k.dtype.element_ty
     o = tl.arange(0, BC)
     t0 = i_t * BT
 
     o_0 = (t0 + o).to(tl.int64)
     m_0 = o_0 < T
-    row_0 = (i_b * T + o_0) * H + i_h
+    row_0 = (bos + o_0) * H + i_h
     b_b0 = tl.load(beta + row_0, mask=m_0, other=0.0).to(tl.float32)
     g_0 = tl.zeros([BC], dtype=tl.float32)
     if GATE == 1:
@@ -136,7 +146,7 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
     if NC > 1:
         o_1 = (t0 + BC + o).to(tl.int64)
         m_1 = o_1 < T
-        row_1 = (i_b * T + o_1) * H + i_h
+        row_1 = (bos + o_1) * H + i_h
         b_b1 = tl.load(beta + row_1, mask=m_1, other=0.0).to(tl.float32)
         g_1 = tl.zeros([BC], dtype=tl.float32)
         if GATE == 1:
@@ -148,11 +158,11 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, T,
     if NC > 2:
         o_2 = (t0 + 2 * BC + o).to(tl.int64)
         m_2 = o_2 < T
-        row_2 = (i_b * T + o_2) * H + i_h
+        row_2 = (bos + o_2) * H + i_h
         b_b2 = tl.load(beta + row_2, mask=m_2, other=0.0).to(tl.float32)
         o_3 = (t0 + 3 * BC + o).to(tl.int64)
         m_3 = o_3 < T
-        row_3 = (i_b * T + o_3) * H + i_h
+        row_3 = (bos + o_3) * H + i_h
         b_b3 = tl.load(beta + row_3, mask=m_3, other=0.0).to(tl.float32)
         g_2 = tl.zeros([BC], dtype=tl.float32)
         g_3 = tl.zeros([BC], dtype=tl.float32)
@@ -277,9 +287,10 @@ def _store_lower_half(ptr, row_2, m_2, row_3, m_3, A20, A21, A22, A30, A31, A32,
 
 @triton.jit(do_not_specialize=["T", "NT"])
 def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG, dGl, dg, dP,
-                  T, NT,
+                  cu_seqlens, chunk_indices, T, NT,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IP: tl.constexpr):
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IP: tl.constexpr,
+                  IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H)``. ``dk_in`` holds the float32 partial ``dk`` of ``grad_kernel``; the sum
     goes to ``dk`` (final, or float32 for a per-channel gate, whose pairwise part ``dP`` is
     added later). Scalar gate: the final ``dg`` is written from ``dG`` / ``dGl``; per-channel
@@ -288,10 +299,19 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T
-    row = (i_b * T + o_t) * H + i_h
+    row = (bos + o_t) * H + i_h
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
@@ -369,7 +389,7 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
                 + tl.load(dG + row, mask=m_t, other=0.0))
         b_dG = tl.where(m_t, b_dG, 0.0)
         b_dg = (tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
-                + tl.load(dGl + (i_b * NT + i_t) * H + i_h))
+                + tl.load(dGl + i_c * H + i_h))
         tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
     if GATE == 2:
         b_dG = b_xk * b_b[:, None] + tl.load(dG + p_tk, mask=m_tk, other=0.0)
@@ -378,10 +398,10 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
 
 @triton.jit(do_not_specialize=["T", "NT"])
 def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG, dGl, dg,
-                          dP, T, NT,
+                          dP, cu_seqlens, chunk_indices, T, NT,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                           BKW: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
-                          IP: tl.constexpr):
+                          IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """``wy_bwd_kernel`` with the key dimension in blocks of ``BKW`` (used for K > 128: the
     single-tile kernel's float32 ``[BT, K]`` operands need more shared memory than an H100 has).
     Same outputs; ``dX_w`` is recomputed per block in a second pass instead of being kept."""
@@ -389,10 +409,19 @@ def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, db
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = eos - bos
+    else:
+        bos = i_b * T
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T
-    row = (i_b * T + o_t) * H + i_h
+    row = (bos + o_t) * H + i_h
 
     b_b = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
     b_TA = tl.load(TA + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
@@ -470,7 +499,7 @@ def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, db
                 + tl.load(dG + row, mask=m_t, other=0.0))
         b_dG = tl.where(m_t, b_dG, 0.0)
         b_dg = (tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG
-                + tl.load(dGl + (i_b * NT + i_t) * H + i_h))
+                + tl.load(dGl + i_c * H + i_h))
         tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
 
     # second pass over the key blocks: dk = b Gamma dX_w + (pairwise part) + dk_in

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lsp.ops.common.chunk import DEFAULT_CHUNK_SIZE, chunk_recurrence
 from lsp.ops.common.validate import check_inputs
-from lsp.ops.common.varlen import TRITON_VARLEN_ERROR, check_cu_seqlens, run_documents
+from lsp.ops.common.varlen import check_cu_seqlens, run_documents
 from lsp.ops.delta_net.chunk import chunk_delta_rule
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
 from lsp.parallel.contract import Family, OpCall, OpSpec
@@ -45,13 +45,11 @@ def resolve_backend(op: str, backend: str, q: Tensor) -> str:
 
 
 def _bind_packed(op: str, q, v, cu_seqlens, initial_state, backend) -> None:
-    """The packed-document checks (``cu_seqlens``): offsets, per-document states, backend."""
+    """The packed-document checks (``cu_seqlens``): offsets, per-document states, and that the
+    backend can run (both take offsets; an explicit ``"triton"`` on CPU tensors raises here,
+    before a sequence-parallel caller's first collective)."""
     check_cu_seqlens(op, q, v, cu_seqlens, initial_state)
-    # never a silent fallback: a call that would run the kernels raises
-    runs_kernels = backend == "auto" and resolve_backend(op, backend, q) == "triton"
-    if backend == "triton" or runs_kernels:
-        raise ValueError(f"{op}: {TRITON_VARLEN_ERROR} (got backend={backend!r}); pass "
-                         "backend='torch'")
+    resolve_backend(op, backend, q)
 
 
 def _fla_forms(op: str, q, k, v, backend):
@@ -114,8 +112,10 @@ def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
 
         kernel = getattr(kernels, name)
         extra = () if c.family == Family.LINEAR_ATTENTION else (c.beta,)
+        # the kernels read the offsets on the inputs' device (the torch path takes either)
+        cu = None if c.cu_seqlens is None else c.cu_seqlens.to(c.q.device)
         return kernel(c.q, c.k, c.v, *extra, c.g, scale=c.scale, initial_state=c.initial_state,
-                      output_final_state=c.output_final_state)
+                      output_final_state=c.output_final_state, cu_seqlens=cu)
     if c.cu_seqlens is not None:
         offsets = [int(x) for x in c.cu_seqlens.tolist()]
         return run_documents(chunk_recurrence, c.q, c.k, c.v, c.g, c.beta, c.scale,
@@ -157,7 +157,8 @@ def linear_attention(
         cu_seqlens: packed documents (fla-compatible): int32 / int64 ``[N+1]`` offsets
             ``0 < ... < T`` with ``B = 1``; each document starts from its own state
             (``initial_state`` ``[N, H, K, V]``) and the final state is ``[N, H, K, V]``. No
-            state crosses a boundary. The torch path only, for now.
+            state crosses a boundary. Both backends (the Triton kernels with chunks that
+            never straddle a document, as in fla).
 
     Returns:
         ``(o, S)``: ``o`` ``[B, T, H, V]`` in ``v.dtype``; ``S`` ``[B, H, K, V]`` in float32

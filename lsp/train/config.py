@@ -175,9 +175,9 @@ class DataConfig:
     """mqar: key-value pairs per sequence."""
     reset_state_at_document_boundaries: bool = True
     """stdlib, megatron: every layer's state starts afresh at each document (packed documents,
-    ``cu_seqlens``); false lets it flow across documents as Megatron's GPT datasets do. Needs
-    ``parallel.op_backend=torch`` and ``model.conv_backend=torch`` on GPUs until the kernels
-    take document offsets. mqar samples are one document each: nothing to reset."""
+    ``cu_seqlens``); false lets it flow across documents as Megatron's GPT datasets do. The ops
+    take document offsets on both backends; ``model.conv_backend=torch`` is needed until the
+    Triton convolution takes them. mqar samples are one document each: nothing to reset."""
 
     def __post_init__(self):
         _one_of("data", "kind", self.kind, DATA_KINDS)
@@ -232,14 +232,12 @@ class RunConfig:
 
     def _check_packed_documents(self) -> None:
         """Packed documents need every stateful part to take document offsets; say which does
-        not before any process starts (the Triton kernels do not take them yet)."""
+        not before any process starts (the ops take them on both backends; the Triton
+        convolution, explicit cuDNN / flash attention and routed MoM do not yet)."""
         if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
             return
-        m, p = self.model, self.parallel
+        m = self.model
         blockers = []
-        if self.on_gpu and p.op_backend != "torch":
-            blockers.append(f"parallel.op_backend={p.op_backend} (Triton kernels on GPUs; "
-                            "use torch)")
         if m.conv_backend == "triton" and m.use_short_conv:
             blockers.append("model.conv_backend=triton (use torch)")
         if m.attention_backend in ("cudnn", "flash") and "S" in m.pattern:

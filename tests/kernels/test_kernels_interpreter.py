@@ -2,7 +2,8 @@
 
 Every family and gate kind, forward and backward (outputs, final state and the gradient of every
 input, the initial state included, with a gradient on the final state), at tiny shapes: ragged T,
-K != V, several chunk sizes and in-GPU sequence segments (the affine scan), float32 and float16.
+K != V, several chunk sizes and in-GPU sequence segments (the affine scan), float32 and float16;
+packed documents (``cu_seqlens``) against the oracle run per document.
 The interpreter cannot compute bfloat16 dot products (see ``lsp.kernels._check``); bfloat16 is
 checked on the GPU by ``launch/bench_kernels.py``.
 
@@ -208,6 +209,90 @@ def test_kernel_input_errors():
         kernels.linear_attention(big, big, big[..., :16])
 
 
+# Packed documents (cu_seqlens) at chunk size 32 (two sub-chunks: the off-diagonal blocks of the
+# WY solve and of the per-channel pairwise products run): a document of one token, one of exactly
+# a chunk, one of two chunks and a ragged tail, then four tiny ones (one chunk each).
+PACKED = [0, 1, 33, 103, 104, 105, 106, 108]
+
+
+def packed_inputs(family, gate, offsets, seed, H=2, K=16, V=16):
+    T, N = offsets[-1], len(offsets) - 1
+    args = make_inputs(family, gate, B=1, T=T, H=H, K=K, V=V, dtype=torch.float32,
+                       with_state=False, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    args["initial_state"] = torch.randn(N, H, K, V, generator=gen).requires_grad_()
+    return args
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_match_per_document_oracle(family, gate):
+    """Outputs, per-document final states and every gradient (per-document initial states
+    included) against the float64 oracle run on each document separately."""
+    args = packed_inputs(family, gate, PACKED, seed=21)
+    cu = torch.tensor(PACKED, dtype=torch.int32)
+    fn = KERNEL_OPS[family]
+    o, S, grads = outputs_and_grads(fn, args, chunk_size=32, cu_seqlens=cu)
+    o_ref, S_ref, grads_ref = outputs_and_grads(naive_for(family), upcast(args),
+                                                cu_seqlens=cu.long())
+    assert o.shape == o_ref.shape and S.shape == (len(PACKED) - 1, 2, 16, 16)
+    errs = {"o": rel_err(o, o_ref), "S": rel_err(S, S_ref)}
+    errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads})
+    bad = {n: e for n, e in errs.items() if not e <= TOL[torch.float32]}
+    assert not bad, f"relative errors above {TOL[torch.float32]}: {bad}"
+
+
+def test_packed_documents_through_the_public_op(monkeypatch):
+    """``lsp.ops`` hands the offsets to the kernels (CPU tensors reach them here only because
+    the backend choice is patched; on a GPU ``backend="triton"`` takes this path)."""
+    from lsp.ops import api
+
+    monkeypatch.setattr(api, "resolve_backend", lambda op, backend, q: "triton")
+    offsets = [0, 5, 6, 30]
+    args = packed_inputs("delta_rule", "head", offsets, seed=22, H=1)
+    cu = torch.tensor(offsets)
+    o, S = call(lsp.ops.delta_rule, args, output_final_state=True, backend="triton",
+                cu_seqlens=cu)
+    o_ref, S_ref = call(naive_for("delta_rule"), upcast(args), output_final_state=True,
+                        cu_seqlens=cu)
+    assert rel_err(o, o_ref) < TOL[torch.float32] and rel_err(S, S_ref) < TOL[torch.float32]
+
+
+def test_one_packed_document_is_the_dense_call():
+    """``cu_seqlens = [0, T]`` runs the dense kernels (segments included): the same numbers."""
+    args = make_inputs("linear_attention", "head", B=1, T=40, H=1, K=16, V=16,
+                       dtype=torch.float32, seed=23)
+    kw = dict(output_final_state=True, chunk_size=16, num_segments=2)
+    o1, S1 = call(kernels.linear_attention, args, cu_seqlens=torch.tensor([0, 40]), **kw)
+    o2, S2 = call(kernels.linear_attention, args, **kw)
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+
+
+def test_chunk_indices():
+    cu = torch.tensor([0, 1, 33, 103, 104], dtype=torch.int32)
+    ci = kutils.prepare_chunk_indices(cu, 32)
+    assert ci.dtype == torch.int32
+    assert ci.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [2, 2], [3, 0]]
+    assert kutils.prepare_chunk_offsets(cu, 32).tolist() == [0, 1, 2, 5, 6]
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(cu_seqlens=torch.tensor([0, 3, 3, 8])), r"rise strictly from 0 to T=8.*index 1"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 9])), r"rise strictly from 0 to T=8"),
+    (dict(cu_seqlens=torch.tensor([0.0, 8.0])), r"int32 or int64"),
+    (dict(cu_seqlens=torch.tensor([0, 3, 8]), initial_state=torch.zeros(1, 1, 16, 16)),
+     r"initial_state has shape \[1, 1, 16, 16\]; with cu_seqlens of 2 documents"),
+])
+def test_packed_input_errors(kw, pattern):
+    args = make_inputs("linear_attention", "none", B=1, T=8, H=1, K=16, V=16, dtype=torch.float32)
+    q, k, v = (args[n].detach() for n in ("q", "k", "v"))
+    with pytest.raises(ValueError, match=pattern):
+        kernels.linear_attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match="needs a batch of 1"):
+        kernels.linear_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                 v.expand(2, -1, -1, -1), cu_seqlens=torch.tensor([0, 8]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("chunk", [16, 32, 64])
@@ -246,13 +331,16 @@ def test_grad_kernel_launch_warps(monkeypatch):
         return orig(kernel, grid, *a, num_warps=num_warps, **kw)
 
     monkeypatch.setattr(kchunk, "launch", spy)
-    for K in (32, 64):
-        args = make_inputs("delta_rule", "head", 1, 20, 1, K, 16, dtype=torch.float32)
-        o, _ = kernels.delta_rule(*op_args(args))
-        o.sum().backward()
+    for gate in ("head", "key"):  # scalar gate: wy.py's backward; per channel: intra.py's
+        for K in (32, 64):
+            args = make_inputs("delta_rule", gate, 1, 20, 1, K, 16, dtype=torch.float32)
+            o, _ = kernels.delta_rule(*op_args(args))
+            o.sum().backward()
     assert seen["grad_kernel"] == {(32, 4), (64, 4)}
     for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike
         assert seen[name] == {(32, 4), (64, 4)}, (name, seen[name])
+    # the scalar-gate WY backward at its fixed configuration (blocks of at most bwd_bk columns)
+    assert {w for _, w in seen["wy_bwd_scalar_kernel"]} == {kchunk.WY_FAST["bwd_warps"]}
     assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8
     # and unpipelined: its num_stages=2 sm_90 build returned a wrong dw (kchunk.GRAD_KERNEL_STAGES)
     assert stages["grad_kernel"] == {1}

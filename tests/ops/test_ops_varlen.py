@@ -113,8 +113,10 @@ BAD = [
     (dict(cu_seqlens=torch.tensor([[0, 9]])), r"cu_seqlens has shape \[1, 2\]; it must be 1-D"),
     (dict(cu_seqlens=torch.tensor([0, 4, 9]), initial_state=torch.zeros(1, H, K, V)),
      r"initial_state has shape \[1, 2, 6, 5\]; with cu_seqlens of 2 documents .*\[2, 2, 6, 5\]"),
+    # the kernels take offsets, but only on CUDA tensors (or the interpreter, see
+    # tests/kernels/test_kernels_interpreter.py): refused at bind time, before any collective
     (dict(cu_seqlens=torch.tensor([0, 4, 9]), backend="triton"),
-     r"cu_seqlens needs backend='torch' until the kernels take it"),
+     r"backend='triton' needs CUDA tensors"),
 ]
 
 

@@ -52,7 +52,7 @@ def _pos(family, a):
 
 
 def packed_errors(rank: int, P: int, c: dict, offsets: list[int], Tl: int, with_state: bool,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, backend: str = "torch") -> dict:
     family, dtype = c["family"], DTYPES[c["dtype"]]
     T, N = P * Tl, len(offsets) - 1
     full = make_inputs(family, c["gate"], 1, T, H, K, V, dtype=torch.float64, with_state=False,
@@ -83,7 +83,7 @@ def packed_errors(rank: int, P: int, c: dict, offsets: list[int], Tl: int, with_
         h0 = h0.detach().to(dtype).requires_grad_()
     o, S = sequence_parallel(OPS[family], *_pos(family, shard), method=c["method"],
                              num_blocks=2 if c["method"] == "allscan" else None,
-                             initial_state=h0, output_final_state=True, backend="torch",
+                             initial_state=h0, output_final_state=True, backend=backend,
                              cu_seqlens=cu, seq_len=T)
     assert o.shape == (1, Tl, H, V) and o.dtype == dtype and S.shape == (N, H, K, V)
     loss = (o * do[:, sl].to(dtype)).sum() + w[rank].item() * (S * dS.to(S.dtype)).sum()
@@ -149,3 +149,24 @@ def run_packed_and_checks(rank: int, P: int, plan, Tl: int) -> dict:
     """One group of ranks for the packed matrix, the named errors and the leak guard."""
     return {"packed": run_packed(rank, P, plan, Tl), "errors": run_packed_errors(rank, P),
             "leak": run_leak_check(rank, P)}
+
+
+def run_packed_on_kernels(rank: int, P: int, Tl: int) -> dict:
+    """The packed matrix's ``inside`` and ``long`` layouts with ``backend="triton"`` on the
+    Triton interpreter (CPU tensors reach the kernels because the backend choice is patched on
+    this rank; on GPUs ``backend="triton"`` takes this path): the shard's stretch runs the dense
+    kernels and the documents starting inside it one packed kernel call."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated in this process
+    import lsp.kernels.common.chunk  # noqa: F401
+    from lsp.ops import api
+
+    api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
+    out = {}
+    for family, gate, name in (("delta_rule", "head", "long"),
+                               ("linear_attention", "key", "inside")):
+        c = dict(family=family, gate=gate, method="allscan", dtype="f32")
+        out[f"{config_id(c)}-{name}"] = packed_errors(rank, P, c, layouts(P, Tl)[name], Tl,
+                                                      True, backend="triton")
+    return out

@@ -82,3 +82,16 @@ def test_packed_differs_from_unpacked():
     a boundary (a guard against a reference that would leak as well)."""
     for r in _run(2):
         assert r["leak"]["packed_vs_whole"] > 1e-3
+
+
+def test_packed_sequence_parallel_on_the_kernels():
+    """``backend="triton"``: the local packed call and the stretch run the Triton kernels (under
+    the interpreter) and match the one-process float64 packed op."""
+    res = run_ranks(cases.run_packed_on_kernels, 2, 6, start="spawn")
+    bad = {}
+    for r in res:
+        assert len(r) == 2
+        for cid, errs in r.items():
+            assert {"o", "S", "dq", "dk", "dv", "dg", "dinit"} <= set(errs), cid
+            bad.update({f"{cid}:{n}": e for n, e in errs.items() if not e <= TOL["f32"]})
+    assert not bad, f"relative errors above tolerance: {bad}"

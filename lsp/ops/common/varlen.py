@@ -22,9 +22,6 @@ from torch import Tensor
 
 from lsp.parallel.packed import check_document_states, check_offsets
 
-TRITON_VARLEN_ERROR = "cu_seqlens needs backend='torch' until the kernels take it"
-
-
 def check_cu_seqlens(op: str, q: Tensor, v: Tensor, cu_seqlens: object,
                      initial_state: object) -> list[int]:
     """Check a packed call's offsets and per-document initial state; return the offsets.

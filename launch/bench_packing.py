@@ -25,13 +25,13 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 import traceback
 
 import torch
 
+from lsp.launch.bench_kernels import timed
 from lsp.testing import (
     FAMILIES,
     GATES,
@@ -172,21 +172,6 @@ def packings(T: int, seed: int = 0) -> dict:
 ONE_SEGMENT = "1 doc (dense, 1 segment)"
 
 
-def timed(run, reps, warmup=2):
-    for _ in range(warmup):
-        run()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        run()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts), ts
-
-
 def fwd_bwd(family, a, cu):
     """A closure running ``lsp.ops`` forward + backward (every input) with a fixed cotangent."""
     import lsp
@@ -278,7 +263,7 @@ def main():
                 if name == ONE_SEGMENT:  # read by lsp.kernels.common.utils.choose_segments
                     os.environ["LSP_KERNELS_SEGMENTS"] = "1"
                 try:
-                    ms, ts = timed(fwd_bwd(family, a, cu), args.reps)
+                    ms, ts = timed(fwd_bwd(family, a, cu), args.reps, warmup=2)
                     base = ms if base is None else base
                     row = dict(family=family, gate=gate, layout=name,
                                docs=1 if offsets is None else len(offsets) - 1, ms=ms,

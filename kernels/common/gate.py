@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import varlen_pointers
+from .utils import chunk_span, varlen_pointers
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -27,14 +27,7 @@ def chunk_cumsum_kernel(g, G, dGl, cu_seqlens, chunk_indices, T, NT, H: tl.const
     i_b = i_bh // H
     i_h = i_bh % H
     i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
     m_t = o_t < T
     if VECTOR:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .utils import chunk_span
+
 
 @triton.jit(do_not_specialize=["scale", "T", "NT"])
 def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
@@ -38,14 +40,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     i_b = i_bh // H
     i_h = i_bh % H
     i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SUB_CHUNK, dot_precision, launch, next_pow2, varlen_pointers
+from .utils import SUB_CHUNK, chunk_span, dot_precision, launch, next_pow2, varlen_pointers
 
 
 @triton.jit(do_not_specialize=["xscale", "T"])
@@ -31,14 +31,7 @@ def pairwise_fwd_kernel(x, y, G, out, cu_seqlens, chunk_indices, xscale, T,
     i_s = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only
@@ -110,14 +103,7 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, cu_seqlens, chunk_indices, xsca
     i_s = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only

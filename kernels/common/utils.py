@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 SUB_CHUNK = 16  # rows per sub-chunk (blocked triangular solve, per-channel gate blocks)
 MAX_K = 256
@@ -171,3 +172,20 @@ def varlen_pointers(varlen: Varlen | None, dummy: torch.Tensor):
     if varlen is None:
         return dummy, dummy
     return varlen.cu_seqlens, varlen.chunk_indices
+
+
+@triton.jit
+def chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
+    """``(chunk, bos, T)`` of the program's chunk ``i_t``: its index within its sequence, the row
+    of the sequence's first token and the sequence's length. Dense: sequence ``i_b`` of the batch,
+    ``T`` tokens. Packed documents (``B = 1``): row ``i_t`` of ``chunk_indices`` holds (document,
+    chunk within it), and ``cu_seqlens`` the document's offsets, so chunks never straddle one."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_c = i_t
+        bos = i_b * T
+    return i_c, bos, T

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.utils import chunk_span
+
 
 @triton.jit
 def _inv_unit_lower(b_L, BC: tl.constexpr):
@@ -122,14 +124,7 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, cu_seqlens, chunk_indices, T,
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     dt = k.dtype.element_ty
     o = tl.arange(0, BC)
     t0 = i_t * BT
@@ -300,14 +295,7 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
     i_b = i_bh // H
     i_h = i_bh % H
     i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T
@@ -410,14 +398,7 @@ def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, db
     i_b = i_bh // H
     i_h = i_bh % H
     i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = (i_t * BT + o_i).to(tl.int64)
     m_t = o_t < T

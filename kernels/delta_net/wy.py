@@ -36,6 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..common.utils import chunk_span
 from .intra import _inv_unit_lower, _lower_half_inverse, _store_block, _store_lower_half
 
 
@@ -64,14 +65,7 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o = tl.arange(0, BC)
     t0 = i_t * BT
     o_0 = t0 + o
@@ -179,14 +173,7 @@ def wu_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T,
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-    else:
-        bos = i_b * T
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     dt = k.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -231,20 +218,11 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
     key and value loops (see ``wu_kernel``).
     """
     i_t = tl.program_id(0)
-    i_tg = i_t
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = eos - bos
-        i_cl = i_tg.to(tl.int64) * H + i_h
-    else:
-        bos = i_b * T
-        i_cl = (i_b * NT + i_t) * H + i_h
+    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     dt = k.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -305,7 +283,7 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
         b_dG = (b_dGr + tl.sum(b_PdP, axis=1) - tl.sum(b_PdP, axis=0)
                 + tl.load(dG + row, mask=m_t, other=0.0))
         b_dG = tl.where(m_t, b_dG, 0.0)
-        b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG + tl.load(dGl + i_cl)
+        b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG + tl.load(dGl + i_c * H + i_h)
         tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
     tl.debug_barrier()
     b_dPDT = tl.load(scratch + row[None, :] * BT + o_i[:, None], mask=m_t[None, :], other=0.0)

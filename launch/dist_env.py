@@ -112,6 +112,16 @@ def _entry(rank, fn, args, errdir):
         raise
 
 
+def _await_reporting_ranks(procs, errdir: str, grace_s: float) -> None:
+    """Up to ``grace_s`` for the ranks that have reported an error but are still exiting (a
+    peer may notice the broken connection and exit first): they end with their own status
+    instead of the SIGTERM meant for the others."""
+    deadline = time.monotonic() + grace_s
+    for r, p in enumerate(procs):
+        if p.exitcode is None and os.path.exists(os.path.join(errdir, f"rank{r}.json")):
+            p.join(max(0.0, deadline - time.monotonic()))
+
+
 def _end(procs, grace_s: float) -> None:
     """SIGTERM (and SIGCONT, so that a stopped rank can act on it) to every live rank, SIGKILL
     to those still alive after ``grace_s``."""
@@ -214,6 +224,7 @@ def spawn_ranks(fn, world: int, args: tuple = (), grace_s: float = GRACE_S) -> N
                     if p.exitcode not in (None, 0) and r not in order:
                         order.append(r)
                 if order:
+                    _await_reporting_ranks(procs, errdir, grace_s)
                     _end(procs, grace_s)
                     for r, p in enumerate(procs):
                         if p.exitcode != 0 and r not in order:

@@ -86,12 +86,15 @@ def _check_packed(op, q, v, cu_seqlens, initial_state):
     """A packed call's offsets (``B = 1``, int32 / int64 ``[N+1]`` on ``q``'s device, strictly
     increasing from 0 to T) and per-document initial states ``[N, H, K, V]``.
 
-    Reads the offsets on the host (one sync, next to the one that sizes the chunk table).
+    Reads the offsets on the host once per tensor (``offsets.host_offsets``: the layers of a
+    step share one ``cu_seqlens``, so only the first call waits for the GPU).
     Returns the offsets, or None when there is a single document: that call is exactly the
     dense call of ``B = 1`` (same chunks, states ``[1, H, K, V]``), which keeps the in-GPU
     segment split.
     """
     import torch
+
+    from .offsets import host_offsets
 
     if cu_seqlens is None:
         return None
@@ -109,7 +112,7 @@ def _check_packed(op, q, v, cu_seqlens, initial_state):
     if B != 1:
         raise ValueError(f"{op}: cu_seqlens needs a batch of 1 (documents packed along T), got "
                          f"B={B}; reshape to [1, B*T, H, D] with offsets for every document")
-    cu = cu_seqlens.tolist()
+    cu = host_offsets(cu_seqlens)
     bad = [i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]]
     if cu[0] != 0 or cu[-1] != T or bad:
         raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T={T}, got "

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lsp.kernels.offsets import host_offsets
+
 _HASH_MOD = (1 << 61) - 1
 
 
@@ -49,7 +51,7 @@ def check_offsets(op: str, cu_seqlens: object, T: int, what: str = "the sequence
             f"{op}: cu_seqlens has shape {_shape(cu_seqlens)}; it must be 1-D [N+1] with N >= 1 "
             "documents: [0, end of document 0, ..., T]"
         )
-    cu = [int(x) for x in cu_seqlens.tolist()]
+    cu = list(host_offsets(cu_seqlens))
     if cu[0] != 0:
         raise ValueError(f"{op}: cu_seqlens starts at {cu[0]}; the first offset must be 0")
     if cu[-1] != T:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..offsets import cached_on, host_offsets
+
 SUB_CHUNK = 16  # rows per sub-chunk (blocked triangular solve, per-channel gate blocks)
 MAX_K = 256
 
@@ -125,11 +127,12 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
     Chunks never straddle documents (fla's convention): document ``n`` of length ``L_n`` has
     ``cdiv(L_n, BT)`` chunks, its last one ragged, so the per-chunk kernels run one program per
     row and read ``bos = cu_seqlens[n]`` and the local length from the offsets. The total count
-    sets the grid, so this syncs with the host once per call (acceptable: the ops read the
-    offsets on the host to check them anyway).
+    sets the grid; it comes from the offsets' host copy (``offsets.host_offsets``, read once per
+    tensor), so building the table does not wait for the GPU.
     """
+    cu = host_offsets(cu_seqlens)
+    total = sum(-(-(b - a) // BT) for a, b in zip(cu, cu[1:]))
     counts = _chunk_counts(cu_seqlens, BT)
-    total = int(counts.sum().item())  # host sync: the grid size
     doc = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
                                   output_size=total)
     first = torch.cumsum(counts, 0) - counts  # each document's first global chunk
@@ -150,8 +153,8 @@ def _chunk_counts(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
 
 
 class Varlen(NamedTuple):
-    """Packed documents of one call (``B = 1``): the offsets and the chunk tables built from
-    them once per call (``Varlen.of``)."""
+    """Packed documents (``B = 1``): the offsets and the chunk tables built from them, once
+    per offsets tensor and chunk size (``Varlen.of``; the layers of a step share them)."""
 
     cu_seqlens: torch.Tensor  # [N+1] int32 / int64 offsets, on the inputs' device
     chunk_indices: torch.Tensor  # [NT, 2] int32 (document, chunk within it)
@@ -161,9 +164,11 @@ class Varlen(NamedTuple):
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, BT: int) -> "Varlen":
-        cu = cu_seqlens.contiguous()
-        ci = prepare_chunk_indices(cu, BT)
-        return cls(cu, ci, prepare_chunk_offsets(cu, BT), cu.numel() - 1, ci.shape[0])
+        def build():
+            cu = cu_seqlens.contiguous()
+            ci = prepare_chunk_indices(cu, BT)
+            return cls(cu, ci, prepare_chunk_offsets(cu, BT), cu.numel() - 1, ci.shape[0])
+        return cached_on(cu_seqlens, ("varlen", BT), build)
 
 
 def varlen_pointers(varlen: Varlen | None, dummy: torch.Tensor):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lsp.ops.common.chunk import DEFAULT_CHUNK_SIZE, chunk_recurrence
 from lsp.ops.common.validate import check_inputs
+from lsp.kernels.offsets import host_offsets
 from lsp.ops.common.varlen import check_cu_seqlens, run_documents
 from lsp.ops.delta_net.chunk import chunk_delta_rule
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
@@ -117,7 +118,7 @@ def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
         return kernel(c.q, c.k, c.v, *extra, c.g, scale=c.scale, initial_state=c.initial_state,
                       output_final_state=c.output_final_state, cu_seqlens=cu)
     if c.cu_seqlens is not None:
-        offsets = [int(x) for x in c.cu_seqlens.tolist()]
+        offsets = list(host_offsets(c.cu_seqlens))
         return run_documents(chunk_recurrence, c.q, c.k, c.v, c.g, c.beta, c.scale,
                              c.initial_state, c.output_final_state, offsets, DEFAULT_CHUNK_SIZE)
     if c.family == Family.LINEAR_ATTENTION:

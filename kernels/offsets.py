@@ -52,3 +52,17 @@ def cached_on(t: torch.Tensor, key, build: Callable[[], T]) -> T:
 def host_offsets(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
     """The offsets as Python ints, read from the device once per tensor (see the module)."""
     return cached_on(cu_seqlens, "host", lambda: tuple(int(x) for x in cu_seqlens.tolist()))
+
+
+def on_device(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` on ``device``: one copy per tensor, which knows its host values (read
+    from the source, so a CPU ``cu_seqlens`` is never read back from the GPU)."""
+    if cu_seqlens.device == device:
+        return cu_seqlens
+
+    def copy():
+        moved = cu_seqlens.to(device)
+        values = host_offsets(cu_seqlens)
+        cached_on(moved, "host", lambda: values)
+        return moved
+    return cached_on(cu_seqlens, ("on", str(device)), copy)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lsp.ops.common.chunk import DEFAULT_CHUNK_SIZE, chunk_recurrence
 from lsp.ops.common.validate import check_inputs
-from lsp.kernels.offsets import host_offsets
+from lsp.kernels.offsets import host_offsets, on_device
 from lsp.ops.common.varlen import check_cu_seqlens, run_documents
 from lsp.ops.delta_net.chunk import chunk_delta_rule
 from lsp.ops.linear_attn.chunk import chunk_linear_attention
@@ -114,7 +114,7 @@ def _run(c: OpCall) -> tuple[Tensor, Tensor | None]:
         kernel = getattr(kernels, name)
         extra = () if c.family == Family.LINEAR_ATTENTION else (c.beta,)
         # the kernels read the offsets on the inputs' device (the torch path takes either)
-        cu = None if c.cu_seqlens is None else c.cu_seqlens.to(c.q.device)
+        cu = None if c.cu_seqlens is None else on_device(c.cu_seqlens, c.q.device)
         return kernel(c.q, c.k, c.v, *extra, c.g, scale=c.scale, initial_state=c.initial_state,
                       output_final_state=c.output_final_state, cu_seqlens=cu)
     if c.cu_seqlens is not None:

@@ -75,3 +75,12 @@ def test_layers_sharing_offsets_read_them_once(reads):
     for _ in range(2):
         o, _ = lsp.ops.delta_rule(*op_args(args), cu_seqlens=cu, backend="torch")
     assert reads[id(cu)] == 1
+
+
+def test_a_device_copy_is_made_once_and_knows_its_values(reads):
+    cu = torch.tensor([0, 4, 9])
+    moved = offsets.on_device(cu, torch.device("meta"))  # any other device: the copy is cached
+    assert moved.device.type == "meta" and offsets.on_device(cu, torch.device("meta")) is moved
+    assert offsets.host_offsets(moved) == (0, 4, 9)  # from the source: never read back
+    assert id(moved) not in reads and reads[id(cu)] == 1
+    assert offsets.on_device(cu, cu.device) is cu

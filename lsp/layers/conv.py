@@ -64,11 +64,11 @@ class ShortConvolution(nn.Module):
         an earlier document, inside the shard or through the halo (:meth:`_conv_packed`)."""
         from lsp.parallel.halo import halo_exchange
 
-        if cu_seqlens is not None and self.backend == "triton":
-            raise ValueError("ShortConvolution: cu_seqlens needs conv_backend='torch' until the "
-                             "conv kernel takes it; set model.conv_backend=torch")
         w = self.kernel_size - 1
         halo = halo_exchange(x, w, self.ctx.cp_group, dim=1)
+        if self.backend == "triton":
+            pos = None if cu_seqlens is None else self._doc_positions(x, cu_seqlens)
+            return self._conv_triton(x, halo, copies, pos)
         if cu_seqlens is not None:
             if self.recompute and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
@@ -76,8 +76,6 @@ class ShortConvolution(nn.Module):
                 return checkpoint(self._conv_packed, x, halo, copies, cu_seqlens,
                                   use_reentrant=False)
             return self._conv_packed(x, halo, copies, cu_seqlens)
-        if self.backend == "triton":
-            return self._conv_triton(x, halo, copies)
         if self.recompute and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -100,13 +98,8 @@ class ShortConvolution(nn.Module):
         ``y_t = sum_j W[w - j] x_{t-j} [j <= position of t in its document]``: one masked
         multiply-add per tap (the kernels are short).
         """
-        from lsp.parallel.packed import document_positions
-
-        from lsp.layers.context import document_rows
-
         w, T = self.kernel_size - 1, x.shape[1]
-        pos = torch.stack([document_positions(r, self.ctx.cp_rank * T, T)
-                           for r in document_rows(cu_seqlens, x.shape[0])]).to(x.device)
+        pos = self._doc_positions(x, cu_seqlens)
         xp = torch.cat([halo, x], dim=1)  # [B, T + w, C]
         weight = self._weight(copies)[:, 0].to(x.dtype)  # [C, w + 1]
         y = xp[:, w:] * weight[:, w]
@@ -115,7 +108,19 @@ class ShortConvolution(nn.Module):
             y = y + xp[:, w - j:w - j + T] * weight[:, w - j] * keep
         return F.silu(y) if self.activation == "silu" else y
 
-    def _conv_triton(self, x: Tensor, halo: Tensor, copies: int) -> Tensor:
+    def _doc_positions(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """``[B, T]``: each of this shard's tokens' position in its document (global offsets,
+        this CP rank's slice)."""
+        from lsp.parallel.packed import document_positions
+
+        from lsp.layers.context import document_rows
+
+        T = x.shape[1]
+        return torch.stack([document_positions(r, self.ctx.cp_rank * T, T)
+                            for r in document_rows(cu_seqlens, x.shape[0])]).to(x.device)
+
+    def _conv_triton(self, x: Tensor, halo: Tensor, copies: int,
+                     pos: Tensor | None = None) -> Tensor:
         import os
 
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -125,4 +130,5 @@ class ShortConvolution(nn.Module):
 
         weight = self._weight(copies)
         xp = torch.cat([halo, x], dim=1)
-        return short_conv(xp, weight.view(weight.shape[0], -1), self.activation == "silu")
+        return short_conv(xp, weight.view(weight.shape[0], -1), self.activation == "silu",
+                          doc_pos=pos)

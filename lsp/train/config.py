@@ -176,8 +176,8 @@ class DataConfig:
     reset_state_at_document_boundaries: bool = True
     """stdlib, megatron: every layer's state starts afresh at each document (packed documents,
     ``cu_seqlens``); false lets it flow across documents as Megatron's GPT datasets do. The ops
-    take document offsets on both backends; ``model.conv_backend=torch`` is needed until the
-    Triton convolution takes them. mqar samples are one document each: nothing to reset."""
+    and short convolutions take document offsets on both backends. mqar samples are one
+    document each: nothing to reset."""
 
     def __post_init__(self):
         _one_of("data", "kind", self.kind, DATA_KINDS)
@@ -232,14 +232,12 @@ class RunConfig:
 
     def _check_packed_documents(self) -> None:
         """Packed documents need every stateful part to take document offsets; say which does
-        not before any process starts (the ops take them on both backends; the Triton
-        convolution, explicit cuDNN / flash attention and routed MoM do not yet)."""
+        not before any process starts (the ops and convolutions take them on both backends;
+        explicit cuDNN / flash attention and routed MoM do not yet)."""
         if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
             return
         m = self.model
         blockers = []
-        if m.conv_backend == "triton" and m.use_short_conv:
-            blockers.append("model.conv_backend=triton (use torch)")
         if m.attention_backend in ("cudnn", "flash") and "S" in m.pattern:
             blockers.append(f"model.attention_backend={m.attention_backend} (use auto or math)")
         if m.mom_routed and "M" in m.pattern:

@@ -85,8 +85,3 @@ def test_packed_conv_does_not_leak_through_the_halo(P):
         for err_y, err_g in run_ranks(_cp_rank, P, offsets, silu):
             assert err_y < 1e-12 and err_g < 1e-12
 
-
-def test_triton_conv_backend_with_offsets_raises():
-    conv = ShortConvolution(C, W, backend="triton")
-    with pytest.raises(ValueError, match="cu_seqlens needs conv_backend='torch'"):
-        conv(torch.zeros(1, 4, C), cu_seqlens=torch.tensor([0, 2, 4]))

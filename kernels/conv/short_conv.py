@@ -39,21 +39,33 @@ def _tile(T, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexp
 
 @triton.jit
 def _doc_pos(pos, i_b, o_t, T, HAS_POS: tl.constexpr):
-    """Each row's position in its document (packed documents), or a bound no tap reaches."""
+    """Each row's position in its document (packed documents; unused otherwise)."""
     if HAS_POS:
-        return tl.load(pos + i_b * T + o_t, mask=o_t < T, other=0)
-    return tl.full(o_t.shape, 1 << 30, tl.int32)
+        b_pos = tl.load(pos + i_b * T + o_t, mask=o_t < T, other=0)
+    else:
+        b_pos = o_t.to(tl.int32)
+    return b_pos
+
+
+@triton.jit
+def _tap_mask(m, b_pos, back, HAS_POS: tl.constexpr):
+    """``m``, less the rows whose tap ``back`` tokens back lies in an earlier document."""
+    if HAS_POS:
+        mask = m & (b_pos >= back)[:, None]
+    else:
+        mask = m
+    return mask
 
 
 @triton.jit
 def _preact(xp, w, xbase, o_t, o_c, m_c, m, b_pos, C: tl.constexpr, W: tl.constexpr,
-            BT: tl.constexpr, BC: tl.constexpr):
+            BT: tl.constexpr, BC: tl.constexpr, HAS_POS: tl.constexpr):
     """``z = sum_i w[:, i] * xp[rows + i]`` for the tile, float32; tap ``i`` reads the token
     ``W - 1 - i`` back, kept only inside the row's document (``b_pos``)."""
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for i in tl.static_range(W):
         b_w = tl.load(w + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
-        mi = m & (b_pos >= W - 1 - i)[:, None]
+        mi = _tap_mask(m, b_pos, W - 1 - i, HAS_POS)
         b_x = tl.load(xp + xbase + (o_t + i)[:, None] * C + o_c[None, :], mask=mi, other=0.0)
         acc += b_x.to(tl.float32) * b_w[None, :]
     return acc
@@ -65,7 +77,7 @@ def conv_fwd_kernel(xp, w, y, pos, T, C: tl.constexpr, W: tl.constexpr, BT: tl.c
     """Grid ``(cdiv(T, BT), cdiv(C, BC), B)``."""
     i_b, o_t, o_c, m_c, m, xbase = _tile(T, C, W, BT, BC)
     b_pos = _doc_pos(pos, i_b, o_t, T, HAS_POS)
-    acc = _preact(xp, w, xbase, o_t, o_c, m_c, m, b_pos, C, W, BT, BC)
+    acc = _preact(xp, w, xbase, o_t, o_c, m_c, m, b_pos, C, W, BT, BC, HAS_POS)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y + i_b * T * C + o_t[:, None] * C + o_c[None, :], acc.to(y.dtype.element_ty), mask=m)
@@ -84,7 +96,7 @@ def conv_bwd_dz_kernel(xp, w, dy, dz, dwp, pos, T, C: tl.constexpr, W: tl.conste
     b_dy = tl.load(dy + i_b * T * C + o_t[:, None] * C + o_c[None, :], mask=m,
                    other=0.0).to(tl.float32)
     if SILU:
-        z = _preact(xp, w, xbase, o_t, o_c, m_c, m, b_pos, C, W, BT, BC)
+        z = _preact(xp, w, xbase, o_t, o_c, m_c, m, b_pos, C, W, BT, BC, HAS_POS)
         s = tl.sigmoid(z)
         b_dz = b_dy * s * (1.0 + z * (1.0 - s))
     else:
@@ -93,7 +105,7 @@ def conv_bwd_dz_kernel(xp, w, dy, dz, dwp, pos, T, C: tl.constexpr, W: tl.conste
              mask=m)
     pbase = ((i_b * NT + i_t) * C + o_c) * W
     for i in tl.static_range(W):
-        mi = m & (b_pos >= W - 1 - i)[:, None]
+        mi = _tap_mask(m, b_pos, W - 1 - i, HAS_POS)
         b_x = tl.load(xp + xbase + (o_t + i)[:, None] * C + o_c[None, :], mask=mi, other=0.0)
         tl.store(dwp + pbase + i, tl.sum(b_dz * b_x.to(tl.float32), axis=0), mask=m_c)
 

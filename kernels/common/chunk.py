@@ -9,10 +9,11 @@ Forward (``state.py`` has the notation)::
                                                                     for a per-channel gate)
     pairs of the P sequence segments, scan, outputs per segment    (state.py)
 
-Backward recomputes ``G``, ``W``, ``U`` (from the kept ``Ai`` where there is one) and the per-chunk
-states ``h`` from the saved segment start states (in parallel over segments), runs the reverse state pass the same way (pairs of gradient
-segments scanned with ``A_p^T``), then the per-chunk gradient kernels. Only the inputs, the
-segment start states ``[B, H, P, K, V]`` and the segment transitions are kept between the two.
+Backward recomputes ``G``, ``W``, ``U`` (from the kept ``Ai`` where there is one) and the
+per-chunk states ``h`` from the saved segment start states (in parallel over segments), runs the
+reverse state pass the same way (pairs of gradient segments scanned with ``A_p^T``), then the
+per-chunk gradient kernels. Only the inputs, the segment start states ``[B, H, P, K, V]``, the
+segment transitions and ``Ai`` are kept between the two.
 
 Packed documents (``cu_seqlens``, ``B = 1``) follow fla's convention: chunks never straddle a
 document (``utils.Varlen``: the table of (document, chunk) built once per call), the per-chunk

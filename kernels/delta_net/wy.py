@@ -12,7 +12,7 @@ Stages (the names the autograd function calls):
    forward substitution on the four diagonal blocks, the block formula for the rest; stores
    ``Ai`` ``[B, T, H, BT]`` in the input dtype. The forward keeps it for the backward, so the
    solve runs once per step.
-2. ``wu_kernel``: ``W`` and ``U`` as ``[BT, BT] x [BT, 64]`` products with ``Ai`` as one tile
+2. ``wu_kernel``: ``W`` and ``U`` as ``[BT, BT] x [BT, BW]`` products with ``Ai`` as one tile
    (tensor-core sized, unlike products of the ``16 x 16`` blocks). Run in the forward, and
    again in the backward instead of storing ``W`` and ``U``.
 3. ``wy_bwd_scalar_kernel``: given ``dW`` and ``dU``, only ``[BT, BT]`` accumulators cross the loops

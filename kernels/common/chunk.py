@@ -16,11 +16,12 @@ per-chunk gradient kernels. Only the inputs, the segment start states ``[B, H, P
 segment transitions and ``Ai`` are kept between the two.
 
 Packed documents (``cu_seqlens``, ``B = 1``) follow fla's convention: chunks never straddle a
-document (``utils.Varlen``: the table of (document, chunk) built once per call), the per-chunk
-kernels take ``IS_VARLEN`` and read each chunk's document start and length from the offsets, and
-the state passes run one program per (document, head, value block) with one segment per document
-(``P = 1``), reading and writing per-document initial and final states ``[N, H, K, V]``. Dense
-calls build the ``IS_VARLEN=False`` kernels, which never read the offsets.
+document (``utils.Varlen``: the table of (document, chunk), built once per offsets tensor), the
+per-chunk kernels take ``IS_VARLEN`` and read each chunk's document start and length from the
+offsets, and the state passes run one program per (document, head, value block) with one
+segment per document (``P = 1``), reading and writing per-document initial and final states
+``[N, H, K, V]``. Dense calls build the ``IS_VARLEN=False`` kernels, which never read the
+offsets.
 """
 
 from __future__ import annotations
@@ -331,10 +332,8 @@ class ChunkFunction(torch.autograd.Function):
             dbeta = torch.empty_like(beta)
             dk_out = dk if vec else torch.empty_like(k)
             dP = torch.empty(B, T, H, BT, **f32) if vec else dk
-            wy_args = (k, v, beta, G if G is not None else k, TA, Pm if Pm is not None else k, w,
-                       u, dw, dr, dk, dk_out, dv, dbeta, dG, dGl, dg if dg is not None else dk,
-                       dP, *cfg.chunk_pointers(k), T, NT)
             if cfg.fast_wy:
+                w = u = None  # the scalar-gate WY backward reads Ai, not W and U
                 scratch = torch.empty_like(Ai)
                 launch(wy.wy_bwd_scalar_kernel, (NT, B * H), k, v, beta,
                        G if G is not None else k, Ai, dw, dr, dk, dk_out, dv, dbeta, dG, dGl,
@@ -342,14 +341,18 @@ class ChunkFunction(torch.autograd.Function):
                        H=H, K=K, V=V, BT=BT,
                        BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
                        IS_VARLEN=vl is not None, IP=cfg.IP, num_warps=WY_FAST["bwd_warps"])
-            elif cfg.BK <= WY_SINGLE_TILE_MAX_K:
-                launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT, BK=cfg.BK,
-                       BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP, IS_VARLEN=vl is not None,
-                       num_warps=grad_num_warps(cfg.BK))
             else:
-                launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
-                       BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate, IP=cfg.IP,
-                       IS_VARLEN=vl is not None, num_warps=8)
+                wy_args = (k, v, beta, G if G is not None else k, TA,
+                           Pm if Pm is not None else k, w, u, dw, dr, dk, dk_out, dv, dbeta, dG,
+                           dGl, dg if dg is not None else dk, dP, *cfg.chunk_pointers(k), T, NT)
+                if cfg.BK <= WY_SINGLE_TILE_MAX_K:
+                    launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
+                           BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP,
+                           IS_VARLEN=vl is not None, num_warps=grad_num_warps(cfg.BK))
+                else:
+                    launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
+                           BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate,
+                           IP=cfg.IP, IS_VARLEN=vl is not None, num_warps=8)
             dk = dk_out
             if vec:
                 pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG, varlen=vl)

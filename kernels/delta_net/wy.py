@@ -159,6 +159,18 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
                           BT, BC)
 
 
+@triton.jit
+def _ai_rows(b_Ai, x, y, row, m_t, b_scale, D: tl.constexpr, BW: tl.constexpr, IP: tl.constexpr):
+    """``y = Ai diag(scale) x`` for one chunk's rows of ``x [.., D]``, ``BW`` columns at a time."""
+    for db in range(tl.cdiv(D, BW)):
+        o_d = db * BW + tl.arange(0, BW)
+        m = m_t[:, None] & (o_d < D)[None, :]
+        p = row[:, None] * D + o_d[None, :]
+        b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32) * b_scale[:, None]
+        b_y = tl.dot(b_Ai, b_x.to(b_Ai.dtype), input_precision=IP)
+        tl.store(y + p, b_y.to(y.dtype.element_ty), mask=m)
+
+
 @triton.jit(do_not_specialize=["T"])
 def wu_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -184,22 +196,8 @@ def wu_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T,
     b_bk = b_b
     if GATE == 1:
         b_bk = b_b * tl.exp(tl.load(G + row, mask=m_t, other=0.0))
-    # each loop has its own names: Triton carries a name bound before a loop into it, and a
-    # block of another width there (BW != BW) miscompiled on Hopper
-    for kb in range(tl.cdiv(K, BW)):
-        o_k = kb * BW + tl.arange(0, BW)
-        m_k = m_t[:, None] & (o_k < K)[None, :]
-        p_k = row[:, None] * K + o_k[None, :]
-        b_xk = (tl.load(k + p_k, mask=m_k, other=0.0).to(tl.float32) * b_bk[:, None]).to(dt)
-        tl.store(w + p_k, tl.dot(b_Ai, b_xk, input_precision=IP).to(w.dtype.element_ty),
-                 mask=m_k)
-    for vb in range(tl.cdiv(V, BW)):
-        o_v = vb * BW + tl.arange(0, BW)
-        m_v = m_t[:, None] & (o_v < V)[None, :]
-        p_v = row[:, None] * V + o_v[None, :]
-        b_xv = (tl.load(v + p_v, mask=m_v, other=0.0).to(tl.float32) * b_b[:, None]).to(dt)
-        tl.store(u + p_v, tl.dot(b_Ai, b_xv, input_precision=IP).to(u.dtype.element_ty),
-                 mask=m_v)
+    _ai_rows(b_Ai, k, w, row, m_t, b_bk, K, BW, IP)
+    _ai_rows(b_Ai, v, u, row, m_t, b_b, V, BW, IP)
 
 
 @triton.jit(do_not_specialize=["T", "NT"])

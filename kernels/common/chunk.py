@@ -44,8 +44,8 @@ from .utils import (
     grad_num_warps,
     next_pow2,
     launch,
-    num_warps_for,
     state_block_v,
+    state_num_warps,
     varlen_pointers,
 )
 
@@ -82,7 +82,7 @@ class _Cfg:
         self.BV = state_block_v(self.BK, self.V)
         self.NV = triton.cdiv(self.V, self.BV)
         self.IP = dot_precision(q.dtype)
-        self.warps = num_warps_for(self.BK)
+        self.warps = state_num_warps(self.BK)
         if varlen is not None:  # one segment per document (see the module docstring)
             self.P, self.SEG = 1, self.NT
         else:
@@ -221,7 +221,7 @@ def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
         dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
         *cfg.state_pointers(d), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate,
         DELTA=cfg.delta, MODE=mode, HAS_DS0=ds0 is not None, IP=cfg.IP,
-        num_warps=grad_num_warps(cfg.BK), **cfg.consts())
+        num_warps=cfg.warps, **cfg.consts())
     return ds_start
 
 

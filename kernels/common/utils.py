@@ -61,18 +61,19 @@ def state_block_v(BK: int, V: int) -> int:
     return min(next_pow2(V), cap)
 
 
-def num_warps_for(BK: int) -> int:
-    """Warps for the kernels that hold ``[BT, BK]`` / ``[BK, BV]`` float32 tiles.
+def state_num_warps(BK: int) -> int:
+    """Warps for the chunk-state passes (``state.py``, both directions): 4 up to ``BK = 128``.
 
-    8 from ``BK = 64`` up: on Hopper, Triton miscompiles some 64-wide delta-rule backward blocks
-    at 4 warps (fla #988); the device check covers the block sizes used here.
+    The passes are sequential over chunks; at 4 warps twice as many programs are resident per
+    multiprocessor as at 8, which hides more of each step's latency (Gated DeltaNet, H200: the
+    five passes at H=16, T=64K take 4.6 ms at 4 warps against 7.1 at 8, docs/results.md).
     """
-    return 4 if BK <= 32 else 8
+    return 4 if BK <= 128 else 8
 
 
 def grad_num_warps(BK: int) -> int:
-    """Warps for the backward kernels (``grad_kernel``, ``state_bwd_kernel``, ``wy_bwd_kernel``):
-    4 up to ``BK = 64``, 8 above.
+    """Warps for the per-chunk backward kernels (``grad_kernel``, ``wy_bwd_kernel``): 4 up to
+    ``BK = 64``, 8 above.
 
     At ``BK = 64`` the 8-warp builds gave wrong delta-rule gradients on Hopper (Triton 3.6); with
     these counts every device correctness case passes (history: docs/results.md).
@@ -99,14 +100,20 @@ def launch(kernel, grid, *args, num_warps: int, num_stages: int = 2, **constexpr
         kernel[grid](*args, num_warps=num_warps, num_stages=1, **constexprs)
 
 
+# programs per multiprocessor the segment split aims for (choose_segments)
+PROGRAMS_PER_SM = 4
+
+
 def choose_segments(B: int, H: int, NV: int, NT: int, device: torch.device,
                     forced: int | None = None) -> tuple[int, int]:
     """``(P, SEG)``: split each sequence of ``NT`` chunks into ``P`` segments of ``SEG`` chunks.
 
     A chunk-state pass is sequential over chunks and has only ``B*H*NV`` programs; at small batch
     that leaves most multiprocessors idle. Segments run in parallel (their affine pairs are
-    scanned in between), so aim for about ``2 * SMs`` programs, with at least ``8`` chunks per
-    segment so the extra pass stays cheap. ``forced`` (or ``LSP_KERNELS_SEGMENTS``) overrides.
+    scanned in between), so aim for about ``4 * SMs`` programs (four resident 4-warp programs
+    per multiprocessor; more segments did not make the passes faster and lengthen the scan),
+    with at least ``8`` chunks per segment so the extra pass stays cheap. ``forced`` (or
+    ``LSP_KERNELS_SEGMENTS``) overrides.
     """
     if forced is None and os.environ.get("LSP_KERNELS_SEGMENTS"):
         forced = int(os.environ["LSP_KERNELS_SEGMENTS"])
@@ -114,7 +121,7 @@ def choose_segments(B: int, H: int, NV: int, NT: int, device: torch.device,
         P = max(1, min(int(forced), NT))
     else:
         base = B * H * NV
-        want = -(-2 * sm_count(device) // base)
+        want = -(-PROGRAMS_PER_SM * sm_count(device) // base)
         P = max(1, min(want, NT // 8))
     SEG = -(-NT // P)
     P = -(-NT // SEG)

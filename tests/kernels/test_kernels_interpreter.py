@@ -337,8 +337,10 @@ def test_grad_kernel_launch_warps(monkeypatch):
             o, _ = kernels.delta_rule(*op_args(args))
             o.sum().backward()
     assert seen["grad_kernel"] == {(32, 4), (64, 4)}
-    for name in ("state_bwd_kernel", "wy_bwd_kernel"):  # the other backward kernels alike
-        assert seen[name] == {(32, 4), (64, 4)}, (name, seen[name])
+    assert seen["wy_bwd_kernel"] == {(32, 4), (64, 4)}  # the per-channel WY backward alike
+    # the state passes at 4 warps up to BK = 128 (kutils.state_num_warps)
+    assert seen["state_bwd_kernel"] == {(32, 4), (64, 4)}
+    assert kutils.state_num_warps(128) == 4 and kutils.state_num_warps(256) == 8
     # the scalar-gate WY backward at its fixed configuration (blocks of at most bwd_bk columns)
     assert {w for _, w in seen["wy_bwd_scalar_kernel"]} == {kchunk.WY_FAST["bwd_warps"]}
     assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8

@@ -57,9 +57,8 @@ WY_BLOCK_K = 64
 
 # Launch configuration of the scalar-gate WY kernels (``delta_net/wy.py``): warps per kernel and
 # the widest block of their loops over key / value columns (fixed, so the interpreter runs the
-# same code). This is the configuration the GPU correctness cases ran at; the sweep on an H200
-# found W/U at 8 warps, 128 wide and the backward 64 wide 2% faster, not yet checked on the GPU
-# (docs/results.md, 2026-12-01).
+# same code). W/U at 8 warps, 128 wide with a 64-wide backward was not faster once the state
+# passes ran at 4 warps (H200, docs/results.md), so the GPU-checked configuration stays.
 WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
 
 

@@ -136,8 +136,9 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     see ``common/utils.choose_segments``) are tuning knobs with no effect on the result beyond
     rounding. ``cu_seqlens``: packed documents (fla's form: ``B = 1``, int32 / int64 ``[N+1]``
     offsets on the inputs' device; per-document ``initial_state`` and final state
-    ``[N, H, K, V]``), exact with no padding of documents to the chunk size; ``num_segments``
-    does not apply there (one segment per document). Returns ``(o, S)``: ``o`` in ``v.dtype``,
+    ``[N, H, K, V]``), exact with no padding of documents to the chunk size; there
+    ``num_segments`` is the number of segments the longest document is cut into (None: by rule,
+    ``common/utils.choose_doc_segments``). Returns ``(o, S)``: ``o`` in ``v.dtype``,
     ``S`` ``[B,H,K,V]`` (``[N,H,K,V]``) float32 or None.
     """
     _check("linear_attention", q, v, chunk_size)

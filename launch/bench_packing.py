@@ -4,7 +4,8 @@
    token, one of exactly a chunk, one of several chunks with a ragged tail, many tiny ones)
    against the float64 per-token oracle run on each document separately: outputs, per-document
    final states and the gradient of every input, per-document initial states included, with the
-   CUDA caching allocator poisoned with NaN first so that an unwritten element shows. Pass: rel
+   CUDA caching allocator poisoned with NaN first so that an unwritten element shows; again with
+   the longest documents cut into in-GPU segments (forced). Pass: rel
    err <= 1e-2 (bf16), <= 1e-4 (fp32), everything finite. With two GPUs the cases run in worker
    processes on the second GPU while the timing runs on the first.
 2. Timing: forward + backward through ``lsp.ops`` (``backend="triton"``, so the offsets' checks
@@ -72,6 +73,13 @@ def check_cases():
         for family in FAMILIES:
             for gate in GATES:
                 cases.append(dict(family=family, gate=gate, dtype=dts, H=H, K=K, V=V))
+    # the longest documents cut into in-GPU segments (LSP_KERNELS_SEGMENTS=3: the 200-token
+    # and the 129-token documents in two segments each): every fp32 case, and the timed ops
+    for family in FAMILIES:
+        for gate in GATES:
+            cases.append(dict(family=family, gate=gate, dtype="fp32", H=3, K=32, V=32, segs=3))
+    for family, gate in (("delta_rule", "head"), ("linear_attention", "none")):
+        cases.append(dict(family=family, gate=gate, dtype="bf16", H=16, K=128, V=128, segs=3))
     return cases
 
 
@@ -93,8 +101,13 @@ def run_check(c):
         cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
         op = getattr(lsp.ops, c["family"])
         poison()
-        o, S, grads = outputs_and_grads(op, a, cu_seqlens=cu, backend="triton")
-        torch.cuda.synchronize()
+        if c.get("segs"):  # read by lsp.kernels.common.utils.choose_doc_segments
+            os.environ["LSP_KERNELS_SEGMENTS"] = str(c["segs"])
+        try:
+            o, S, grads = outputs_and_grads(op, a, cu_seqlens=cu, backend="triton")
+            torch.cuda.synchronize()
+        finally:
+            os.environ.pop("LSP_KERNELS_SEGMENTS", None)
         o_r, S_r, g_r = outputs_and_grads(naive_for(c["family"]), upcast(a), cu_seqlens=cu)
         finite = bool(torch.isfinite(o).all() and torch.isfinite(S).all()
                       and all(torch.isfinite(g).all() for g in grads.values()))
@@ -111,7 +124,7 @@ def run_check(c):
 
 def check_line(r):
     tag = (f"{r['family']:16s} {r['gate']:4s} {r['dtype']:4s} H={r['H']:2d} K={r['K']:3d} "
-           f"V={r['V']:3d}")
+           f"V={r['V']:3d}" + (f" cut={r['segs']}" if r.get("segs") else ""))
     if "error" in r:
         return f"FAIL {tag}: {r['error']}"
     return (f"{'ok  ' if r['ok'] else 'FAIL'} {tag} worst={r['worst']:.2e} (tol {r['tol']:.0e}) "

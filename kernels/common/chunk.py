@@ -18,10 +18,12 @@ segment transitions and ``Ai`` are kept between the two.
 Packed documents (``cu_seqlens``, ``B = 1``) follow fla's convention: chunks never straddle a
 document (``utils.Varlen``: the table of (document, chunk), built once per offsets tensor), the
 per-chunk kernels take ``IS_VARLEN`` and read each chunk's document start and length from the
-offsets, and the state passes run one program per (document, head, value block) with one
-segment per document (``P = 1``), reading and writing per-document initial and final states
-``[N, H, K, V]``. Dense calls build the ``IS_VARLEN=False`` kernels, which never read the
-offsets.
+offsets, and the state passes run one program per (segment, head, value block) over a
+segment table (``utils.Segments``): a short document is one segment, a long one is cut into
+segments like a dense sequence (pairs of its segments, a scan along each document, then the
+outputs from the true starts), so one long document among short ones does not run its whole
+length in one program. Initial and final states are per document, ``[N, H, K, V]``. Dense calls
+build the ``IS_VARLEN=False`` kernels, which never read the offsets.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .state import state_bwd_kernel, state_fwd_kernel
 from .utils import (
     SUB_CHUNK,
     Varlen,
+    choose_doc_segments,
     choose_segments,
     dot_precision,
     grad_num_warps,
@@ -73,8 +76,6 @@ class _Cfg:
         self.varlen = varlen
         # chunks over all sequences (per batch row, or in total over packed documents)
         self.NT = varlen.NT if varlen is not None else triton.cdiv(self.T, self.BT)
-        # sequences of the state passes: batch rows, or documents
-        self.NB = varlen.N if varlen is not None else self.B
         self.gate = Gate.of(g)
         self.delta = beta is not None
         self.BK = next_pow2(self.K)
@@ -82,8 +83,11 @@ class _Cfg:
         self.NV = triton.cdiv(self.V, self.BV)
         self.IP = dot_precision(q.dtype)
         self.warps = state_num_warps(self.BK)
-        if varlen is not None:  # one segment per document (see the module docstring)
+        self.segs = None
+        if varlen is not None:  # documents cut into segments (see the module docstring)
             self.P, self.SEG = 1, self.NT
+            self.segs = varlen.segments(*choose_doc_segments(varlen.doc_chunks, self.H, self.NV,
+                                                             q.device, num_segments))
         else:
             self.P, self.SEG = choose_segments(self.B, self.H, self.NV, self.NT, q.device,
                                                num_segments)
@@ -99,11 +103,16 @@ class _Cfg:
         """``(cu_seqlens, chunk_indices)`` for the per-chunk kernels."""
         return varlen_pointers(self.varlen, dummy)
 
-    def state_pointers(self, dummy):
-        """``(cu_seqlens, chunk_offsets)`` for the state passes."""
+    def state_pointers(self, dummy, table):
+        """``(cu_seqlens, segment table)`` for the state passes."""
         if self.varlen is None:
             return dummy, dummy
-        return self.varlen.cu_seqlens, self.varlen.chunk_offsets
+        return self.varlen.cu_seqlens, table
+
+    @property
+    def split(self) -> bool:
+        """Packed documents of which at least one is cut into several segments."""
+        return self.segs is not None and self.segs.NS > self.varlen.N
 
 
 def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
@@ -162,19 +171,56 @@ def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
 
 
 def _state_fwd(cfg, mode, q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec, scale,
-               store_end=False):
+               store_end=False, table=None):
+    """One forward state pass over the batch rows' segments, or over the rows of a packed
+    segment table (``table``; default: every segment)."""
     extra = triton.cdiv(cfg.K, cfg.BV) if (mode == 0 and cfg.delta) else 0
     P = cfg.P
     d = q  # stand-in for pointers a mode does not use
-    launch(state_fwd_kernel, (cfg.NV + extra, cfg.NB * cfg.H, P),
+    table, rows = _rows(cfg, table)
+    launch(state_fwd_kernel, (cfg.NV + extra, rows * cfg.H, P),
         q, k, u, w if w is not None else d, G if G is not None else d,
         Aqk if Aqk is not None else d, o if o is not None else d, h if h is not None else d,
         r if r is not None else d, s0 if s0 is not None else d,
         s_end if s_end is not None else d, a_pair if a_pair is not None else d,
-        seg_dec if seg_dec is not None else d, *cfg.state_pointers(d),
+        seg_dec if seg_dec is not None else d, *cfg.state_pointers(d, table),
         scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, NV=cfg.NV, GATE=cfg.gate, DELTA=cfg.delta,
         MODE=mode, HAS_S0=s0 is not None, STORE_END=store_end, IP=cfg.IP,
         num_warps=cfg.warps, **cfg.consts())
+
+
+def _rows(cfg, table):
+    """``(table, its row count)``: the segment table a packed pass runs over (every segment by
+    default), or the batch rows of a dense call."""
+    if cfg.segs is None:
+        return None, cfg.B
+    table = cfg.segs.table if table is None else table
+    return table, table.shape[0]
+
+
+def _scan_segments(cfg, M, Y, X0, dec, reverse: bool):
+    """The affine scan of :func:`_scan` for packed documents cut into segments.
+
+    ``M``, ``Y``, ``dec`` are per row of ``segs.split`` (the segments of the documents that were
+    cut); the result ``X`` ``[NS, H, K, V]`` holds each segment's start state (its end-state
+    gradient when ``reverse``): a document's first (last) segment takes ``X0`` of the document
+    (or zero), the others go in steps along the documents, all documents at once.
+    """
+    sg = cfg.segs
+    X = torch.empty(sg.NS, cfg.H, cfg.K, cfg.V, dtype=torch.float32, device=Y.device)
+    ends = sg.last if reverse else sg.first
+    X[ends] = X0 if X0 is not None else 0.0
+    for tgt, src, row in (sg.bwd if reverse else sg.fwd):
+        x = X[src]
+        if cfg.scan_kind == 2:
+            m = M[row].transpose(-1, -2) if reverse else M[row]
+            x = torch.matmul(m, x) + Y[row]
+        elif cfg.scan_kind == 1:
+            x = torch.addcmul(Y[row], dec[row].exp().unsqueeze(-1), x)
+        else:
+            x = x + Y[row]
+        X[tgt] = x
+    return X
 
 
 def _scan(cfg, M, Y, X0, dec, reverse: bool):
@@ -210,15 +256,16 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
 GRAD_KERNEL_STAGES = 1
 
 
-def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale):
-    ds_start = torch.empty(cfg.NB, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
+def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale, table=None):
+    table, rows = _rows(cfg, table)
+    ds_start = torch.empty(rows, cfg.H, cfg.P, cfg.K, cfg.V, dtype=torch.float32,
                            device=q.device)
     d = q
-    launch(state_bwd_kernel, (cfg.NV, cfg.NB * cfg.H, cfg.P),
+    launch(state_bwd_kernel, (cfg.NV, rows * cfg.H, cfg.P),
         q, k, w if w is not None else d, G if G is not None else d,
         Aqk if Aqk is not None else d, do, dh if dh is not None else d,
         dr if dr is not None else d, ds0 if ds0 is not None else d, ds_start,
-        *cfg.state_pointers(d), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate,
+        *cfg.state_pointers(d, table), scale, cfg.T, cfg.NT, cfg.SEG, cfg.P, GATE=cfg.gate,
         DELTA=cfg.delta, MODE=mode, HAS_DS0=ds0 is not None, IP=cfg.IP,
         num_warps=cfg.warps, **cfg.consts())
     return ds_start
@@ -235,7 +282,8 @@ class ChunkFunction(torch.autograd.Function):
         g = g.contiguous() if g is not None else None
         varlen = Varlen.of(cu_seqlens, chunk_size) if cu_seqlens is not None else None
         cfg = _Cfg(q, v, g, beta, chunk_size, num_segments, varlen)
-        B, H, K, V, P = cfg.NB, cfg.H, cfg.K, cfg.V, cfg.P
+        B, H, K, V, P = cfg.B, cfg.H, cfg.K, cfg.V, cfg.P
+        f32 = dict(dtype=torch.float32, device=q.device)
         init = None
         if initial_state is not None:
             init = initial_state.detach().to(torch.float32).contiguous()
@@ -244,8 +292,16 @@ class ChunkFunction(torch.autograd.Function):
             u = v
 
         a_pair = seg_dec = None
-        if P > 1:
-            f32 = dict(dtype=torch.float32, device=q.device)
+        if cfg.split:  # packed documents, some cut into segments: their pairs, then the scan
+            R = cfg.segs.split.shape[0]
+            b_pair = torch.empty(R, H, K, V, **f32)
+            a_pair = torch.empty(R, H, K, K, **f32) if cfg.delta else None
+            seg_dec = torch.empty(R, H, K, **f32) if (cfg.gate and not cfg.delta) else None
+            _state_fwd(cfg, 0, q, k, u, w, G, Aqk, None, None, None, None, b_pair, a_pair,
+                       seg_dec, scale, table=cfg.segs.split)
+            s0 = _scan_segments(cfg, a_pair, b_pair, init, seg_dec, reverse=False)
+            del b_pair
+        elif P > 1:
             b_pair = torch.empty(B, H, P, K, V, **f32)
             a_pair = torch.empty(B, H, P, K, K, **f32) if cfg.delta else None
             seg_dec = torch.empty(B, H, P, K, **f32) if (cfg.gate and not cfg.delta) else None
@@ -256,7 +312,7 @@ class ChunkFunction(torch.autograd.Function):
         else:
             s0 = init
         o = torch.empty_like(v)
-        final = (torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+        final = (torch.empty(cfg.varlen.N if varlen is not None else B, H, K, V, **f32)
                  if output_final_state else None)
         _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final, None, None, scale,
                    store_end=output_final_state)
@@ -291,7 +347,12 @@ class ChunkFunction(torch.autograd.Function):
         _state_fwd(cfg, 2, q, k, u, w, G, Aqk, None, h, r, s0, None, None, None, scale)
 
         # reverse pass: local segment gradients, reverse scan, then per-chunk gradients
-        if P > 1:
+        if cfg.split:
+            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, None, None, scale,
+                               table=cfg.segs.split)
+            ds0 = _scan_segments(cfg, a_pair, d_loc[:, :, 0], dfinal, seg_dec, reverse=True)
+            del d_loc
+        elif P > 1:
             d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, None, None, scale)
             ds0 = _scan(cfg, a_pair, d_loc, dfinal, seg_dec, reverse=True)
             del d_loc
@@ -300,7 +361,11 @@ class ChunkFunction(torch.autograd.Function):
         dh = torch.empty(B, NT, H, K, V, dtype=q.dtype, device=dev)
         dr = torch.empty_like(v)
         ds_start = _state_bwd(cfg, 1, q, k, w, G, Aqk, do, dh, dr, ds0, scale)
-        dinit = ds_start[:, :, 0].to(ctx.init_dtype) if ctx.has_init else None
+        if ctx.has_init:  # a document's first segment (every batch row's first segment)
+            first = ds_start[cfg.segs.first] if cfg.segs is not None else ds_start
+            dinit = first[:, :, 0].to(ctx.init_dtype)
+        else:
+            dinit = None
 
         vec = cfg.gate == Gate.KEY
         dq = torch.empty(q.shape, **f32) if vec else torch.empty_like(q)

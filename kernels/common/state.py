@@ -70,29 +70,32 @@ def _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: 
 
 
 @triton.jit
-def _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT: tl.constexpr,
+def _sequence(cu_seqlens, segments, i_b, T, NT, SEG, i_p, BT: tl.constexpr,
               IS_VARLEN: tl.constexpr):
-    """``(bos, T, first global chunk, n0, n1)`` of the state pass of sequence ``i_b`` (batch
-    row or packed document) and segment ``i_p``: its chunks are ``n0 <= n < n1`` (local),
-    its rows ``bos + t`` for ``t < T``, its per-chunk buffers at ``first + n``."""
+    """``(document, bos, T, first global chunk, n0, n1)`` of the state pass of sequence ``i_b``
+    and segment ``i_p``: its chunks are ``n0 <= n < n1`` (local), its rows ``bos + t`` for
+    ``t < T``, its per-chunk buffers at ``first + n``. Dense: batch row ``i_b``, segment ``i_p``
+    of ``SEG`` chunks. Packed documents: row ``i_b`` of a segment table ``(document, n0, n1,
+    first)`` (``utils.Segments``)."""
     if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_b + 1).to(tl.int64)
-        first = tl.load(chunk_offsets + i_b).to(tl.int64)
-        T = eos - bos
-        n0 = 0
-        n1 = tl.cdiv(T, BT).to(tl.int32)
+        doc = tl.load(segments + i_b * 4).to(tl.int64)
+        n0 = tl.load(segments + i_b * 4 + 1)
+        n1 = tl.load(segments + i_b * 4 + 2)
+        first = tl.load(segments + i_b * 4 + 3).to(tl.int64)
+        bos = tl.load(cu_seqlens + doc).to(tl.int64)
+        T = tl.load(cu_seqlens + doc + 1).to(tl.int64) - bos
     else:
+        doc = i_b
         bos = i_b * T
         first = i_b * NT
         n0 = i_p * SEG
         n1 = tl.minimum(n0 + SEG, NT)
-    return bos, T, first, n0, n1
+    return doc, bos, T, first, n0, n1
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
 def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
-                     cu_seqlens, chunk_offsets, scale, T, NT, SEG, P,
+                     cu_seqlens, segments, scale, T, NT, SEG, P,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, GATE: tl.constexpr,
                      DELTA: tl.constexpr, MODE: tl.constexpr, HAS_S0: tl.constexpr,
@@ -101,17 +104,17 @@ def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
 
     ``u`` is ``U`` (delta rule) or ``v``; ``s0`` ``[B,H,P,K,V]`` start states (``HAS_S0``);
     ``s_end``: ``B_p`` ``[B,H,P,K,V]`` in MODE 0, the final state ``[B,H,K,V]`` in MODE 1.
-    Packed documents (``IS_VARLEN``): the grid's second axis is ``N*H`` (one program per
-    document, head and value block, ``P = 1``), ``s0`` and ``s_end`` are per document
-    (``[N,H,K,V]``) and ``h`` is indexed by global chunk through ``chunk_offsets``.
+    Packed documents (``IS_VARLEN``): the grid's second axis is ``rows*H`` for the rows of a
+    segment table (``P = 1``); ``s0``, and in MODE 0 ``s_end``, are per row; MODE 1's final state
+    ``[N,H,K,V]`` is written by each document's last segment; ``h`` is indexed by global chunk.
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_p = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    bos, T, first, n0, n1 = _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT,
-                                      IS_VARLEN)
+    doc, bos, T, first, n0, n1 = _sequence(cu_seqlens, segments, i_b, T, NT, SEG, i_p, BT,
+                                           IS_VARLEN)
     dt = k.dtype.element_ty
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -194,12 +197,16 @@ def state_fwd_kernel(q, k, u, w, G, Aqk, o, h, r, s0, s_end, a_pair, seg_dec,
                     tl.store(seg_dec + base + o_k, dec, mask=m_k)
     if MODE == 1:
         if STORE_END:
-            if i_p == P - 1:
+            if IS_VARLEN:
+                if n1 == tl.cdiv(T, BT):  # the document's last segment
+                    tl.store(s_end + ((doc * H + i_h) * K + o_k[:, None]) * V + o_c[None, :], S,
+                             mask=m_kc)
+            elif i_p == P - 1:
                 tl.store(s_end + (i_bh * K + o_k[:, None]) * V + o_c[None, :], S, mask=m_kc)
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "SEG", "P"])
-def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, chunk_offsets,
+def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, segments,
                      scale, T, NT, SEG, P,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
@@ -211,16 +218,16 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, chu
     the gradient w.r.t. each segment's start state, goes to ``ds_start`` ``[B,H,P,K,V]``.
     MODE 1 also writes ``dh`` (gradient w.r.t. each chunk's end state, ``[B,NT,H,K,V]``) and
     ``dr`` (gradient w.r.t. ``R``, ``[B,T,H,V]``; for linear attention this is ``dv``).
-    Packed documents (``IS_VARLEN``) as in ``state_fwd_kernel``: grid ``(.., N*H, 1)``,
-    ``ds0`` and ``ds_start`` per document.
+    Packed documents (``IS_VARLEN``) as in ``state_fwd_kernel``: grid ``(.., rows*H, 1)``,
+    ``ds0`` and ``ds_start`` per row of the segment table.
     """
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_p = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    bos, T, first, n0, n1 = _sequence(cu_seqlens, chunk_offsets, i_b, T, NT, SEG, i_p, BT,
-                                      IS_VARLEN)
+    doc, bos, T, first, n0, n1 = _sequence(cu_seqlens, segments, i_b, T, NT, SEG, i_p, BT,
+                                           IS_VARLEN)
     dt = k.dtype.element_ty
     o_k = tl.arange(0, BK)
     m_k = o_k < K

@@ -147,35 +147,116 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
     return torch.stack([doc, chunk], 1).to(torch.int32).contiguous()
 
 
-def prepare_chunk_offsets(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
-    """``[N+1]`` int32: the global index of each document's first chunk (and the total last);
-    the state passes, which loop over one document's chunks, index per-chunk buffers with it."""
-    counts = _chunk_counts(cu_seqlens, BT)
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
-
-
 def _chunk_counts(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
     lens = cu_seqlens[1:].to(torch.int64) - cu_seqlens[:-1].to(torch.int64)
     return (lens + BT - 1) // BT
 
 
 class Varlen(NamedTuple):
-    """Packed documents (``B = 1``): the offsets and the chunk tables built from them, once
-    per offsets tensor and chunk size (``Varlen.of``; the layers of a step share them)."""
+    """Packed documents (``B = 1``): the offsets and the chunk table built from them, once per
+    offsets tensor and chunk size (``Varlen.of``; the layers of a step share them)."""
 
     cu_seqlens: torch.Tensor  # [N+1] int32 / int64 offsets, on the inputs' device
     chunk_indices: torch.Tensor  # [NT, 2] int32 (document, chunk within it)
-    chunk_offsets: torch.Tensor  # [N+1] int32 first global chunk of each document
     N: int  # documents
     NT: int  # chunks over all documents
+    BT: int  # chunk size
+    doc_chunks: tuple  # chunks of each document (host ints)
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, BT: int) -> "Varlen":
         def build():
             cu = cu_seqlens.contiguous()
             ci = prepare_chunk_indices(cu, BT)
-            return cls(cu, ci, prepare_chunk_offsets(cu, BT), cu.numel() - 1, ci.shape[0])
+            host = host_offsets(cu)
+            counts = tuple(-(-(b - a) // BT) for a, b in zip(host, host[1:]))
+            return cls(cu, ci, cu.numel() - 1, ci.shape[0], BT, counts)
         return cached_on(cu_seqlens, ("varlen", BT), build)
+
+    def segments(self, SEG: int, cut_above: int) -> "Segments":
+        """Documents of more than ``cut_above`` chunks cut into segments of at most ``SEG``
+        chunks (cached like the table)."""
+        return cached_on(self.cu_seqlens, ("segments", self.BT, SEG, cut_above),
+                         lambda: Segments.build(self.doc_chunks, SEG, self.cu_seqlens.device,
+                                                cut_above))
+
+
+class Segments(NamedTuple):
+    """The state passes' sequences for packed documents: each document of more than
+    ``cut_above`` chunks (default ``SEG``) cut into near-equal segments of at most ``SEG`` chunks;
+    the others are one segment each.
+
+    ``table`` ``[NS, 4]`` int32 rows ``(document, first chunk, end chunk, document's first
+    global chunk)``, document-major; ``split`` the same rows for the documents cut in more than
+    one segment (the pair passes run only over those). The scans between the passes go by
+    steps: at forward step ``j`` the ``j``-th segment of every document that has one takes
+    its start from the segment before it; ``fwd[j-1] = (target, source, source's row in
+    split)``, and ``bwd`` likewise from the end of each document backwards.
+    """
+
+    table: torch.Tensor
+    split: torch.Tensor
+    NS: int
+    first: torch.Tensor  # [N] int64 each document's first segment
+    last: torch.Tensor  # [N] int64 each document's last segment
+    fwd: tuple
+    bwd: tuple
+
+    @classmethod
+    def build(cls, doc_chunks, SEG: int, device, cut_above: int | None = None) -> "Segments":
+        cut_above = SEG if cut_above is None else cut_above
+        rows, split_rows, first, count, row_of = [], [], [], [], {}
+        g0 = 0
+        for d, n in enumerate(doc_chunks):
+            p = -(-n // SEG) if n > cut_above else 1
+            size = -(-n // p)
+            first.append(len(rows))
+            count.append(p)
+            for i in range(p):
+                if p > 1:
+                    row_of[len(rows)] = len(split_rows)
+                    split_rows.append((d, i * size, min(n, (i + 1) * size), g0))
+                rows.append((d, i * size, min(n, (i + 1) * size), g0))
+            g0 += n
+        last = [f + c - 1 for f, c in zip(first, count)]
+
+        def idx(x):
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        fwd, bwd = [], []
+        for j in range(1, max(count)):
+            docs = [d for d, c in enumerate(count) if c > j]
+            tgt = [first[d] + j for d in docs]
+            fwd.append((idx(tgt), idx([t - 1 for t in tgt]), idx([row_of[t - 1] for t in tgt])))
+            tgt = [last[d] - j for d in docs]
+            bwd.append((idx(tgt), idx([t + 1 for t in tgt]), idx([row_of[t + 1] for t in tgt])))
+        table = torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4)
+        split = torch.tensor(split_rows, dtype=torch.int32, device=device).view(-1, 4)
+        return cls(table, split, len(rows), idx(first), idx(last), tuple(fwd), tuple(bwd))
+
+
+def choose_doc_segments(doc_chunks, H: int, NV: int, device: torch.device,
+                        forced: int | None = None) -> tuple[int, int]:
+    """``(SEG, cut_above)``: packed documents of more than ``cut_above`` chunks are cut into
+    segments of at most ``SEG`` chunks.
+
+    ``SEG`` is the rule of :func:`choose_segments` over all the chunks: about
+    ``PROGRAMS_PER_SM * SMs`` programs of at least ``8`` chunks, so a long document among short
+    ones is cut like one dense sequence of the same total length. Only documents of more than
+    ``2 * SEG`` chunks are cut: a cut document runs a pair pass and then its outputs pass, two
+    passes of ``SEG`` steps each, which is shorter than one pass over the whole document only
+    above ``2 * SEG`` chunks. ``forced`` (or ``LSP_KERNELS_SEGMENTS``) is the number of
+    segments the longest document is cut into (every document longer than ``SEG`` is cut).
+    """
+    if forced is None and os.environ.get("LSP_KERNELS_SEGMENTS"):
+        forced = int(os.environ["LSP_KERNELS_SEGMENTS"])
+    longest = max(doc_chunks)
+    if forced is not None:
+        SEG = -(-longest // max(1, min(int(forced), longest)))
+        return SEG, SEG
+    want = -(-PROGRAMS_PER_SM * sm_count(device) // (H * NV))
+    SEG = max(8, -(-sum(doc_chunks) // want))
+    return SEG, 2 * SEG
 
 
 def varlen_pointers(varlen: Varlen | None, dummy: torch.Tensor):

@@ -83,7 +83,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lsp.kernels.common.state import state_bwd_kernel, state_fwd_kernel
 from lsp.kernels.delta_net.intra import intra_fwd_kernel
-ptr = {"cu_seqlens": "*i64", "chunk_indices": "*i32", "chunk_offsets": "*i32"}
+ptr = {"cu_seqlens": "*i64", "chunk_indices": "*i32", "segments": "*i32"}
 ptr.update({n: "*fp32" for n in ("beta", "G", "Pm", "TA", "s0", "s_end", "a_pair", "seg_dec",
                                  "Aqk", "ds0", "ds_start")})
 scal = {"T": "i32", "NT": "i32", "SEG": "i32", "P": "i32", "scale": "fp32"}

@@ -273,7 +273,45 @@ def test_chunk_indices():
     ci = kutils.prepare_chunk_indices(cu, 32)
     assert ci.dtype == torch.int32
     assert ci.tolist() == [[0, 0], [1, 0], [2, 0], [2, 1], [2, 2], [3, 0]]
-    assert kutils.prepare_chunk_offsets(cu, 32).tolist() == [0, 1, 2, 5, 6]
+
+
+def test_segment_table_cuts_long_documents_only():
+    """Documents of 1, 7, 2 and 10 chunks cut into segments of at most 3 chunks: near-equal
+    pieces, short documents whole, and scan steps that chain each document's segments."""
+    sg = kutils.Segments.build((1, 7, 2, 10), 3, "cpu")
+    rows = [tuple(r) for r in sg.table.tolist()]
+    assert rows == [(0, 0, 1, 0), (1, 0, 3, 1), (1, 3, 6, 1), (1, 6, 7, 1), (2, 0, 2, 8),
+                    (3, 0, 3, 10), (3, 3, 6, 10), (3, 6, 9, 10), (3, 9, 10, 10)]
+    assert [tuple(r) for r in sg.split.tolist()] == rows[1:4] + rows[5:]
+    assert sg.first.tolist() == [0, 1, 4, 5] and sg.last.tolist() == [0, 3, 4, 8]
+    (t1, s1, r1), (t2, s2, r2), (t3, s3, r3) = sg.fwd
+    assert (t1.tolist(), s1.tolist(), r1.tolist()) == ([2, 6], [1, 5], [0, 3])
+    assert (t3.tolist(), s3.tolist(), r3.tolist()) == ([8], [7], [5])
+    (b1, c1, q1) = sg.bwd[0]
+    assert (b1.tolist(), c1.tolist(), q1.tolist()) == ([2, 7], [3, 8], [2, 6])
+    # a forced count cuts the longest document into that many pieces; by rule only documents
+    # of more than twice the segment length are cut (the CPU counts 4 SMs: 16 programs)
+    assert kutils.choose_doc_segments((1, 7, 2, 10), 2, 1, torch.device("cpu"), forced=4) == (3, 3)
+    assert kutils.choose_doc_segments((1, 300, 20), 1, 1, torch.device("cpu")) == (21, 42)
+    assert kutils.Segments.build((1, 300, 20), 21, "cpu", 42).NS == 1 + 15 + 1
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_cut_into_segments_match_oracle(family, gate):
+    """A long document among short ones cut into in-GPU segments (pairs, scan along each
+    document, outputs from the true starts): outputs, per-document final states and every
+    gradient (per-document initial states included) against the float64 oracle."""
+    offsets = [0, 5, 150, 152, 200]  # chunks of 16: 1, 10 (cut into 4, 4, 2), 1, 3
+    args = packed_inputs(family, gate, offsets, seed=24, H=1)
+    cu = torch.tensor(offsets)
+    o, S, grads = outputs_and_grads(KERNEL_OPS[family], args, chunk_size=16, cu_seqlens=cu,
+                                    num_segments=3)
+    o_ref, S_ref, grads_ref = outputs_and_grads(naive_for(family), upcast(args), cu_seqlens=cu)
+    errs = {"o": rel_err(o, o_ref), "S": rel_err(S, S_ref)}
+    errs.update({f"d{n}": rel_err(grads[n], grads_ref[n]) for n in grads})
+    bad = {n: e for n, e in errs.items() if not e <= TOL[torch.float32]}
+    assert not bad, f"relative errors above {TOL[torch.float32]}: {bad}"
 
 
 @pytest.mark.parametrize("kw,pattern", [

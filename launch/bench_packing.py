@@ -169,14 +169,14 @@ def packings(T: int, seed: int = 0) -> dict:
     out = {
         "1 doc (dense call)": None,
         "1 doc (cu_seqlens)": [0, T],
-        # what one long document costs with one segment a document (as a packed call has)
+        # what one long document costs uncut (the state passes' latency without segments)
         ONE_SEGMENT: None,
         f"{T // 4096} x 4K": list(range(0, T + 1, 4096)),
         f"{len(lens)} random (mean {T // len(lens)})": [0] + [sum(lens[: i + 1])
                                                              for i in range(len(lens))],
         f"{T // 512} x 512": list(range(0, T + 1, 512)),
     }
-    # one long document and many short ones: its state pass runs alone (one segment a document)
+    # one long document and many short ones (the long one is cut into segments, the rest whole)
     long_doc = T * 3 // 4
     out[f"{long_doc // 1024}K + {(T - long_doc) // 256} x 256"] = (
         [0] + list(range(long_doc, T + 1, 256)))

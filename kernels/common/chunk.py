@@ -207,9 +207,12 @@ def _scan_segments(cfg, M, Y, X0, dec, reverse: bool):
     (or zero), the others go in steps along the documents, all documents at once.
     """
     sg = cfg.segs
-    X = torch.empty(sg.NS, cfg.H, cfg.K, cfg.V, dtype=torch.float32, device=Y.device)
-    ends = sg.last if reverse else sg.first
-    X[ends] = X0 if X0 is not None else 0.0
+    shape = (sg.NS, cfg.H, cfg.K, cfg.V)
+    if X0 is None:
+        X = torch.zeros(shape, dtype=torch.float32, device=Y.device)
+    else:  # a tensor value (a Python scalar here would be a host-to-device copy and a sync)
+        X = torch.empty(shape, dtype=torch.float32, device=Y.device)
+        X[sg.last if reverse else sg.first] = X0
     for tgt, src, row in (sg.bwd if reverse else sg.fwd):
         x = X[src]
         if cfg.scan_kind == 2:

@@ -98,6 +98,8 @@ def run_check(c):
         gen = torch.Generator(device="cuda").manual_seed(12)
         a["initial_state"] = torch.randn(N, c["H"], c["K"], c["V"], generator=gen,
                                          device="cuda").requires_grad_()
+        if c.get("segs") and "g" in a:  # mild decay: a segment's start still matters at its end
+            a["g"] = (a["g"].detach() * 0.02).requires_grad_()
         cu = torch.tensor(offsets, dtype=torch.int32, device="cuda")
         op = getattr(lsp.ops, c["family"])
         poison()

@@ -224,10 +224,10 @@ def sequence_op(op, *args, ctx: ParallelContext, cu_seqlens=None, equal_lengths:
     rows = document_rows(cu_seqlens, q.shape[0])
     if rows is not None:
         if not equal_lengths:
-            raise ValueError("packed documents (cu_seqlens) with unequal shard lengths (routed "
-                             "Mixture-of-Memories) are not supported yet; set "
-                             "model.mom_routed=false or data.reset_state_at_document_boundaries"
-                             "=false")
+            raise ValueError("packed documents (cu_seqlens) with unequal shard lengths are not "
+                             "supported: the ranks' offsets would differ; restart the state at "
+                             "each document start with a log-decay of -inf instead (as routed "
+                             "Mixture-of-Memories does)")
         return _packed_sequence_op(op, args, ctx, rows, kwargs)
     if ctx.cp_size == 1:
         out, _ = op(*args, **kwargs)

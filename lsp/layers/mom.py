@@ -20,7 +20,12 @@ so the ``M (+1)`` memories are stacked along the head axis and cross CP ranks in
 count with non-routed tokens, whose ``beta = 0, log a = 0`` leave the state alone and whose
 router weight is 0, so the result equals the dense form. That length is data-dependent: one
 host sync per layer call reads it (``int(count.max())``), and under CP each rank has its own,
-so the exchange runs with ``equal_lengths=False`` (it moves only states).
+so the exchange runs with ``equal_lengths=False`` (it moves only states). With packed documents
+each memory's gathered sequence also takes every document's first token of the shard, where its
+log-decay is set to ``-inf`` (a full forget, exact on every backend; ``beta = 0`` and weight 0
+where the token is not routed to the memory): the state restarts at each boundary as in the
+dense form's per-document call, a boundary inside a shard zeroes its transition for the
+exchange, and the gathered positions of different memories need no offsets of their own.
 
 ``memory_checkpointing=True`` runs the memories one after another instead, each under its own
 activation checkpoint that returns the memory's weighted output: a backward then holds one
@@ -50,6 +55,7 @@ from lsp.layers.context import (
     ParallelContext,
     RowLinear,
     default_out_init,
+    document_rows,
     head_parameter,
     local_heads,
     normal_init,
@@ -195,19 +201,25 @@ class MixtureOfMemories(nn.Module):
         weight ``w [B, T]`` (``None``: the shared memory), or over its routed tokens only when
         ``routed``. Returns ``[B, T, h, dv]``."""
         if self.routed and w is not None:
-            return self._gathered(xb, q, mask, w.unsqueeze(-1), [m])
+            return self._gathered(xb, q, mask, w.unsqueeze(-1), [m], cu_seqlens)
         o = sequence_op(ops.delta_rule, *self._inputs(xb, q, mask, [m], cu_seqlens),
                         ctx=self.ctx, cu_seqlens=cu_seqlens)
         return o if w is None else o * w[..., None, None].to(o.dtype)
 
     def _gathered(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
-                  idx: list[int]) -> Tensor:
+                  idx: list[int], cu_seqlens=None) -> Tensor:
         """Memories ``idx``, each over the tokens routed to it only (``mask [B, T, n]`` its
         routing, ``weights [B, T, n]`` its mixing weights), stacked along the head axis and
-        padded to the longest count; returns their weighted sum ``[B, T, h, dv]``."""
+        padded to the longest count; returns their weighted sum ``[B, T, h, dv]``. With packed
+        documents every document start of the shard is taken too, with a full forget there
+        (module docstring)."""
         h, dv, n = self.h, self.dv, len(idx)
         B, T = xb.shape[:2]
         routed = mask.bool()
+        starts = None
+        if cu_seqlens is not None:
+            starts = self._document_starts(cu_seqlens, B, T, xb.device)  # [B, T]
+            routed = routed | starts[..., None]
         count = routed.sum(1)  # [B, n]
         L = int(count.max())  # host sync: the gathered length sizes the op's inputs
         pos = torch.arange(T, device=xb.device)[None, :, None]
@@ -219,20 +231,31 @@ class MixtureOfMemories(nn.Module):
             ix = heads.view(B, L, n * h, *([1] * (t.dim() - 3))).expand(B, L, *t.shape[2:])
             return t.gather(1, ix)
 
-        inputs = self._inputs(xb, q, mask, idx)  # padding tokens: beta = 0, log a = 0
-        o = sequence_op(ops.delta_rule, *(take(t) for t in inputs), ctx=self.ctx,
+        # padding tokens: beta = 0, log a = 0 (the state passes through unchanged)
+        qn, k, v, beta, g = self._inputs(xb, q, mask, idx, cu_seqlens)
+        if starts is not None:  # a full forget at each document start (every memory)
+            g = g.masked_fill(starts[..., None], float("-inf"))
+        o = sequence_op(ops.delta_rule, *(take(t) for t in (qn, k, v, beta, g)), ctx=self.ctx,
                         equal_lengths=False).reshape(B, L, n, h, dv)
         w = weights.gather(1, order)  # 0 at padding tokens (not routed: off the top-k)
         contrib = (o * w[..., None, None].to(o.dtype)).reshape(B, L * n, h, dv)
         at = order.reshape(B, L * n, 1, 1).expand(B, L * n, h, dv)
         return o.new_zeros(B, T, h, dv).scatter_add(1, at, contrib)
 
-    def _routed_memories(self, xb: Tensor, q: Tensor, mask: Tensor,
-                         weights: Tensor) -> Tensor:
+    def _document_starts(self, cu_seqlens, B: int, T: int, device) -> Tensor:
+        """``[B, T]`` bool: this CP shard's tokens that start a document (global offsets)."""
+        from lsp.parallel.packed import document_positions
+
+        return torch.stack([document_positions(r, self.ctx.cp_rank * T, T) == 0
+                            for r in document_rows(cu_seqlens, B)]).to(device)
+
+    def _routed_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
+                         cu_seqlens=None) -> Tensor:
         """The routed memories over their own tokens (one op call), plus the shared memory."""
-        out = self._gathered(xb, q, mask[..., : self.M], weights, list(range(self.M)))
+        out = self._gathered(xb, q, mask[..., : self.M], weights, list(range(self.M)),
+                             cu_seqlens)
         if self.shared:
-            out = out + self._memory(self.M, xb, q, mask[..., self.M:], None)
+            out = out + self._memory(self.M, xb, q, mask[..., self.M:], None, cu_seqlens)
         return out
 
     def _all_memories(self, xb: Tensor, q: Tensor, mask: Tensor, weights: Tensor,
@@ -253,11 +276,6 @@ class MixtureOfMemories(nn.Module):
         """``x``: ``[T_local, B, D]``; returns ``(output of the same shape, aux loss or None)``.
         ``cu_seqlens``: packed documents; every memory resets at each boundary (a memory's
         state is a delta-rule state like any other; routing itself keeps no state)."""
-        if self.routed and cu_seqlens is not None:
-            raise ValueError("model.mom_routed=true does not take packed documents yet (the "
-                             "gathered tokens of a memory would cross document boundaries); set "
-                             "model.mom_routed=false or data.reset_state_at_document_boundaries"
-                             "=false")
         ctx, dk, dv = self.ctx, self.dk, self.dv
         weights, mask, aux = self.route(x)
         routing = ctx.enter_tp(torch.cat([weights, mask], dim=-1)).transpose(0, 1)  # [B, T, 2M]
@@ -282,7 +300,7 @@ class MixtureOfMemories(nn.Module):
                     o = self._memory(m, xb, q, mask[..., m:m + 1], w, cu_seqlens)
                 out = o if out is None else out + o
         elif self.routed:
-            out = self._routed_memories(xb, q, mask, weights)
+            out = self._routed_memories(xb, q, mask, weights, cu_seqlens)
         else:
             out = self._all_memories(xb, q, mask, weights, cu_seqlens)
         gate = split_heads(self.g_proj(xb), dv) if self.use_output_gate else None

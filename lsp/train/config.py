@@ -233,15 +233,13 @@ class RunConfig:
     def _check_packed_documents(self) -> None:
         """Packed documents need every stateful part to take document offsets; say which does
         not before any process starts (the ops and convolutions take them on both backends;
-        explicit cuDNN / flash attention and routed MoM do not yet)."""
+        explicit cuDNN / flash attention does not yet)."""
         if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
             return
         m = self.model
         blockers = []
         if m.attention_backend in ("cudnn", "flash") and "S" in m.pattern:
             blockers.append(f"model.attention_backend={m.attention_backend} (use auto or math)")
-        if m.mom_routed and "M" in m.pattern:
-            blockers.append("model.mom_routed=true (use false)")
         if blockers:
             raise ValueError(
                 "data.reset_state_at_document_boundaries=true (packed documents, the default) "

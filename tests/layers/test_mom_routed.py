@@ -1,6 +1,8 @@
 """Routed Mixture-of-Memories (each memory over the tokens routed to it, gathered in order)
 equals the dense masked form to 1e-6 in float64, outputs and every gradient, in one process and
-under CP=2 (ranks then hold different numbers of tokens per memory) and TP=2."""
+under CP=2 (ranks then hold different numbers of tokens per memory) and TP=2; with packed
+documents too (the dense form then runs one op call per document, the routed one restarts each
+memory at every document start)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,12 @@ from lsp.testing import run_ranks
 T, B, D, HEADS, DK = 24, 2, 16, 2, 4
 
 
-def _run(topo, routed, checkpointing):
+# two rows of 24 tokens: boundaries inside the first CP=2 shard, at the rank edge and inside the
+# second (a one-token document); in the second row a document spans both ranks
+DOCS = [torch.tensor([0, 5, 12, 13, 24]), torch.tensor([0, 7, 24])]
+
+
+def _run(topo, routed, checkpointing, docs=None):
     from lsp.layers import MixtureOfMemories, ParallelContext, init_parameters
 
     ctx = ParallelContext(topo, backend="torch", params_dtype=torch.float64)
@@ -27,21 +34,25 @@ def _run(topo, routed, checkpointing):
     r = ctx.cp_rank * ctx.tp_size + ctx.tp_rank
     sl = slice(r * T // parts, (r + 1) * T // parts)
     x = x_all[sl].clone().requires_grad_()
-    y, aux = mom(x)
+    y, aux = mom(x, cu_seqlens=docs)
     ((y * dy_all[sl]).sum() + aux).backward()
     return y.detach(), x.grad, {n: p.grad for n, p in mom.named_parameters()}
 
 
-def _rank(rank, world, tp, cp, checkpointing):
+def _rank(rank, world, tp, cp, checkpointing, docs=None):
     from lsp.parallel.topology import init_topology
 
     topo = init_topology(tp, cp, 1)
-    dense, routed = _run(topo, False, checkpointing), _run(topo, True, checkpointing)
+    dense = _run(topo, False, checkpointing, docs)
+    routed = _run(topo, True, checkpointing, docs)
     errs = {"y": (routed[0] - dense[0]).abs().max().item(),
             "dx": (routed[1] - dense[1]).abs().max().item()}
     for n in dense[2]:
         errs[n] = (routed[2][n] - dense[2][n]).abs().max().item()
     scale = max(dense[0].abs().max().item(), dense[1].abs().max().item())
+    if docs is not None:  # the documents change the result (the comparison is not vacuous)
+        across = _run(topo, True, checkpointing)[0]
+        errs["across documents"] = -(across - routed[0]).abs().max().item()
     return errs, scale
 
 
@@ -82,3 +93,13 @@ def test_unequal_lengths_keep_the_other_consistency_checks():
     assert run_ranks(_unequal_rank, 2, [2, 2]) == ["ran", "ran"]
     for msg in run_ranks(_unequal_rank, 2, [2, 3]):
         assert "disagree on H=[2, 3]" in msg, msg
+
+
+@pytest.mark.parametrize("tp,cp,checkpointing", [(1, 1, False), (1, 2, False), (1, 2, True)],
+                         ids=["one", "cp2", "cp2-checkpointed"])
+def test_routed_mom_equals_dense_mom_on_packed_documents(tp, cp, checkpointing):
+    for errs, scale in run_ranks(_rank, tp * cp, tp, cp, checkpointing, DOCS):
+        assert scale > 1e-3
+        assert errs.pop("across documents") < -1e-3, "the offsets made no difference"
+        bad = {n: e for n, e in errs.items() if not e <= 1e-6}
+        assert not bad, bad

@@ -159,14 +159,8 @@ class SoftmaxAttention(nn.Module):
         if cu_seqlens is not None:
             from lsp.layers.doc_attention import document_causal_attention
 
-            if self.backend in ("cudnn", "flash"):
-                raise ValueError(
-                    f"attention_backend={self.backend!r} does not take packed documents yet: "
-                    "document-causal attention runs the masked math form; use "
-                    "attention_backend=auto or math, or data.reset_state_at_document_boundaries"
-                    "=false")
             o = document_causal_attention(q, k, v, cu_seqlens, self.ctx.cp_group,
-                                          self.ctx.attention_load_balance)
+                                          self.ctx.attention_load_balance, self.backend)
         else:
             o = causal_attention(q, k, v, self.ctx.cp_group, self.ctx.attention_load_balance,
                                  self.ctx.attention_balance_overlap, self.backend)

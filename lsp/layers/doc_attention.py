@@ -2,13 +2,15 @@
 
 A query attends to the keys of its own document at or before it: block-diagonal causal
 attention. The keys are all-gathered over the CP group as in
-:func:`lsp.layers.attention.causal_attention` (LASP-2H); the mask is built from the global
-document offsets (each CP rank knows its queries' global positions) and applied with
-``torch.nn.functional.scaled_dot_product_attention`` (its math backend on CPU); with the
-balanced CP layout the masked blocks merge by their log-sum-exp
-(``lsp.parallel.cp_doc_attention``). Every query sees at least itself, so no row of the mask is
-empty. Rotary embeddings need no per-document reset: they are relative, and no score crosses a
-document.
+:func:`lsp.layers.attention.causal_attention` (LASP-2H). Without the balanced CP layout each
+document runs on the same fused causal kernels as unpacked attention (cuDNN or flash by
+``attention_backend``; documents grouped by padded length, one batched call per group; the
+document that continues from an earlier rank aligned lower-right), so no ``[T, S]`` mask is
+built and the cost is that of attention within the documents. With the balanced layout the
+partial blocks are masked from the global offsets and merge by their log-sum-exp
+(``lsp.parallel.cp_doc_attention``, plain torch). Every query sees at least itself, so no row
+is empty. Rotary embeddings need no per-document reset: they are relative, and no score crosses
+a document.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ def document_causal_mask(cu_seqlens: Tensor, t0: int, T: int, S: int) -> Tensor:
 
 
 def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group=None,
-                              balance: bool = False) -> Tensor:
+                              balance: bool = False, backend: str = "auto") -> Tensor:
     """Document-causal attention of this CP rank's queries over the sequence so far.
 
     ``q [B, T, H, d]``, ``k, v [B, T, Hkv, d]`` (this rank's contiguous slice); ``cu_seqlens``:
     the GLOBAL offsets of each row (``lsp.layers.context.document_rows``); ``group``: the CP
-    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``). Returns
-    ``[B, T, H, d]``, the matching slice of document-causal attention over the whole sequence.
+    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``, masked math
+    blocks); ``backend``: the attention kernel of the per-document form
+    (``lsp.parallel.cp_attention.resolve_backend``). Returns ``[B, T, H, d]``, the matching slice
+    of document-causal attention over the whole sequence.
+
+    Without the balanced layout no mask is built: each document's queries on this rank attend
+    its keys with the plain causal kernels (:func:`_per_document`).
     """
     from lsp.parallel.seq_gather import all_gather_sequence
 
@@ -47,6 +54,11 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
     rows = document_rows(cu_seqlens, B)
     multi = group is not None and torch.distributed.get_world_size(group) > 1
     r = torch.distributed.get_rank(group) if multi else 0
+    if multi and balance and backend in ("cudnn", "flash"):  # on every rank, before the gather
+        raise ValueError(
+            f"attention_backend={backend!r} with packed documents under the balanced CP layout: "
+            "that form scores masked blocks in plain torch; use attention_backend=auto or math, "
+            "or parallel.attention_load_balance=false (each document on the fused kernels)")
     if multi:
         k = all_gather_sequence(k, group, dim=1)
         v = all_gather_sequence(v, group, dim=1)
@@ -60,8 +72,75 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         return balanced_document_attention(q, k, v, rows, group).transpose(1, 2)
+    return _per_document(q, k, v, rows, r * T, backend)
+
+
+def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
+                  backend: str) -> Tensor:
+    """Each document's queries of this shard (global ``[t0, t0 + T)``) over its keys.
+
+    A document that starts on this shard is a square causal block; those are grouped by
+    length (rounded up to a power of two, padded at the end, where causality keeps the padding
+    unseen by the real queries) and each group runs as one batch. A document that started on an
+    earlier rank (at most one per row) is its shard's queries over all its keys so far, causal
+    aligned lower-right. The blocks run on ``backend``'s kernels (cuDNN or flash under ``auto``
+    for the square ones, flash for the lower-right ones, whose mask torch's cuDNN op does not
+    align), so the cost is that of causal attention over each document, with no ``[T, S]``
+    mask. Index gathers move the rows in and out; everything is differentiable.
+    """
+    from lsp.kernels.offsets import host_offsets
+    from lsp.parallel.cp_attention import BlockAttention, resolve_backend
+
+    B, T, H, d = q.shape
     S = k.shape[1]
-    mask = torch.stack([document_causal_mask(cu, r * T, T, S) for cu in rows]).to(q.device)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, d]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-    return o.transpose(1, 2)
+    qf, kf, vf = q.reshape(B * T, H, d), k.reshape(B * S, H, d), v.reshape(B * S, H, d)
+    groups: dict[int, list[tuple[int, int, int]]] = {}  # padded length -> (q row, k row, n)
+    crossing = []  # (q row, k row, queries, keys)
+    for b, cu in enumerate(rows):
+        offs = host_offsets(cu)
+        for s, e in zip(offs[:-1], offs[1:]):
+            lo, hi = max(s, t0), min(e, t0 + T)
+            if lo >= hi:
+                continue
+            if s >= t0:
+                n = hi - lo
+                groups.setdefault(1 << (n - 1).bit_length(), []).append(
+                    (b * T + lo - t0, b * S + lo, n))
+            else:
+                crossing.append((b * T + lo - t0, b * S + s, hi - lo, hi - s))
+    dev = q.device
+
+    def to_dev(x: Tensor) -> Tensor:  # pinned and asynchronous: no wait for the GPU
+        return x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x
+
+    # index tables on the host (the offsets are host values); boolean masks on the device would
+    # each cost a host sync (their result sizes are data-dependent)
+    blocks, real = [], []  # (q index, k index [n, L], kept flat rows of [n * L]); query rows
+    for L, docs in sorted(groups.items()):
+        ar = torch.arange(L)
+        n = torch.tensor([x[2] for x in docs])
+        step = torch.minimum(ar[None, :], n[:, None] - 1)  # padding repeats the last row
+        qi = torch.tensor([x[0] for x in docs])[:, None] + step
+        ki = torch.tensor([x[1] for x in docs])[:, None] + step
+        kept = (ar[None, :] < n[:, None]).flatten().nonzero().flatten()
+        blocks.append((qi, ki, kept))
+        real.append(qi.flatten()[kept])
+    for qr, kr, nq, nk in crossing:
+        real.append(torch.arange(qr, qr + nq))
+    order = torch.cat(real)  # every query row exactly once
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    inverse = to_dev(inverse)
+    gathered = [(qf[to_dev(qi)].transpose(1, 2), kf[to_dev(ki)].transpose(1, 2),
+                 vf[to_dev(ki)].transpose(1, 2), to_dev(kept)) for qi, ki, kept in blocks]
+    square = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
+    outs = []
+    for qb, kb, vb, kept in gathered:
+        o = BlockAttention.apply(qb, kb, vb, True, square).transpose(1, 2)  # [n, L, H, d]
+        outs.append(o.reshape(-1, H, d)[kept])
+    for qr, kr, nq, nk in crossing:
+        qb = qf[qr:qr + nq].transpose(0, 1)[None]
+        kb, vb = (x[kr:kr + nk].transpose(0, 1)[None] for x in (kf, vf))
+        lower = resolve_backend(backend, [(qb, kb, True)], ("flash",))
+        outs.append(BlockAttention.apply(qb, kb, vb, True, lower)[0].transpose(0, 1))
+    return torch.cat(outs)[inverse].reshape(B, T, H, d)

@@ -233,13 +233,16 @@ class RunConfig:
     def _check_packed_documents(self) -> None:
         """Packed documents need every stateful part to take document offsets; say which does
         not before any process starts (the ops and convolutions take them on both backends;
-        explicit cuDNN / flash attention does not yet)."""
+        document-causal attention under the balanced CP layout has only a masked form)."""
         if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
             return
-        m = self.model
+        m, p = self.model, self.parallel
         blockers = []
-        if m.attention_backend in ("cudnn", "flash") and "S" in m.pattern:
-            blockers.append(f"model.attention_backend={m.attention_backend} (use auto or math)")
+        if (m.attention_backend in ("cudnn", "flash") and "S" in m.pattern and p.cp > 1
+                and p.attention_load_balance):
+            blockers.append(f"model.attention_backend={m.attention_backend} with "
+                            "parallel.attention_load_balance=true (use auto or math, or "
+                            "attention_load_balance=false)")
         if blockers:
             raise ValueError(
                 "data.reset_state_at_document_boundaries=true (packed documents, the default) "

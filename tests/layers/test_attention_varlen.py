@@ -73,3 +73,35 @@ def test_document_causal_attention_under_cp(P):
     for balance in (False, True):
         for errs in run_ranks(_cp_rank, P, offsets, balance):
             assert max(errs) < 1e-12, (balance, errs)
+
+
+def _rows_rank(rank, P, rows):
+    import torch.distributed as dist
+
+    T = rows[0][-1]
+    Tl = T // P
+    q, k, v, do = (torch.cat(x) for x in zip(_inputs(T, seed=2), _inputs(T, seed=3)))
+    sl = slice(rank * Tl, (rank + 1) * Tl)
+    group = dist.group.WORLD if P > 1 else None
+    got = _grads(lambda *a: document_causal_attention(*a, [torch.tensor(r) for r in rows],
+                                                      group),
+                 q[:, sl], k[:, sl], v[:, sl], do[:, sl])
+    wants = [_grads(lambda *a: _reference(*a, r), *(t[b:b + 1] for t in (q, k, v, do)))
+             for b, r in enumerate(rows)]
+    want = [torch.cat(w) for w in zip(*wants)]
+    return [float((g - w[:, sl]).abs().max()) for g, w in zip(got, want)]
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_per_document_kernels_on_rows_of_their_own_documents(P):
+    """Two rows with their own offsets: documents of 1 to 13 tokens grouped by padded length,
+    one across the rank edge in each row (lower-right causal), in one process and under CP=2."""
+    rows = [[0, 1, 6, 7, 20, 23, 24], [0, 13, 15, 24]]
+    for errs in run_ranks(_rows_rank, P, rows):
+        assert max(errs) < 1e-12, errs
+
+
+def test_explicit_fused_backend_is_not_replaced_on_the_cpu():
+    q, k, v, _ = _inputs(8)
+    with pytest.raises(ValueError, match="attention_backend='flash' cannot run this attention"):
+        document_causal_attention(q, k, v, torch.tensor([0, 3, 8]), backend="flash")

@@ -92,38 +92,20 @@ def _check_packed(op, q, v, cu_seqlens, initial_state):
     dense call of ``B = 1`` (same chunks, states ``[1, H, K, V]``), which keeps the in-GPU
     segment split.
     """
-    import torch
-
-    from .offsets import host_offsets
+    from .offsets import check_document_states, check_offsets
 
     if cu_seqlens is None:
         return None
     B, T, H, K = q.shape
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32,
-                                                                             torch.int64):
-        raise ValueError(f"{op}: cu_seqlens must be an int32 or int64 tensor [N+1] of document "
-                         f"offsets, got {getattr(cu_seqlens, 'dtype', type(cu_seqlens))}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{op}: cu_seqlens has shape {list(cu_seqlens.shape)}; it must be 1-D "
-                         "[N+1] with N >= 1 documents")
+    cu = check_offsets(op, cu_seqlens, T)
     if cu_seqlens.device != q.device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; "
                          f"move it to {q.device}")
     if B != 1:
         raise ValueError(f"{op}: cu_seqlens needs a batch of 1 (documents packed along T), got "
                          f"B={B}; reshape to [1, B*T, H, D] with offsets for every document")
-    cu = host_offsets(cu_seqlens)
-    bad = [i for i in range(len(cu) - 1) if cu[i + 1] <= cu[i]]
-    if cu[0] != 0 or cu[-1] != T or bad:
-        raise ValueError(f"{op}: cu_seqlens must rise strictly from 0 to T={T}, got "
-                         f"{cu[0]} ... {cu[-1]}" + (f" (not increasing at index {bad[0]})"
-                                                    if bad else "")
-                         + "; drop empty documents and end the offsets at T")
     N = len(cu) - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, v.shape[-1]):
-        raise ValueError(f"{op}: initial_state has shape {list(initial_state.shape)}; with "
-                         f"cu_seqlens of {N} documents it must be [N, H, K, V] = "
-                         f"[{N}, {H}, {K}, {v.shape[-1]}]")
+    check_document_states(op, initial_state, N, H, K, v.shape[-1], q.device)
     return None if N == 1 else cu_seqlens
 
 

@@ -25,70 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lsp.kernels.offsets import host_offsets
+from lsp.kernels.offsets import check_document_states, check_offsets, host_offsets
 
 _HASH_MOD = (1 << 61) - 1
-
-
-def _shape(x: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in x.shape) + "]"
-
-
-def check_offsets(op: str, cu_seqlens: object, T: int, what: str = "the sequence") -> list[int]:
-    """Offsets of a packed call as ints; raises a named ``ValueError`` for bad ones."""
-    if not isinstance(cu_seqlens, Tensor):
-        raise ValueError(
-            f"{op}: cu_seqlens must be an int32 or int64 tensor [N+1] of document offsets, "
-            f"got {type(cu_seqlens).__name__}"
-        )
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"{op}: cu_seqlens has dtype {cu_seqlens.dtype}; document offsets must be int32 or "
-            "int64 (for example cu_seqlens.long())"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(
-            f"{op}: cu_seqlens has shape {_shape(cu_seqlens)}; it must be 1-D [N+1] with N >= 1 "
-            "documents: [0, end of document 0, ..., T]"
-        )
-    cu = list(host_offsets(cu_seqlens))
-    if cu[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens starts at {cu[0]}; the first offset must be 0")
-    if cu[-1] != T:
-        raise ValueError(
-            f"{op}: cu_seqlens ends at {cu[-1]} but {what} has T={T} tokens; the last "
-            f"offset must be T={T}"
-        )
-    for i in range(len(cu) - 1):
-        if cu[i + 1] <= cu[i]:
-            raise ValueError(
-                f"{op}: cu_seqlens is not strictly increasing: cu_seqlens[{i}]={cu[i]} and "
-                f"cu_seqlens[{i + 1}]={cu[i + 1]}; every document needs at least one token "
-                "(drop empty documents from the offsets)"
-            )
-    return cu
-
-
-def check_document_states(op: str, initial_state: object, N: int, H: int, K: int, V: int,
-                          device: torch.device) -> None:
-    """``initial_state`` of a packed call must be ``[N, H, K, V]`` (one per document)."""
-    if initial_state is None:
-        return
-    if not isinstance(initial_state, Tensor) or not initial_state.is_floating_point():
-        raise ValueError(
-            f"{op}: initial_state must be a floating tensor [N, H, K, V] = [{N}, {H}, {K}, {V}], "
-            f"got {getattr(initial_state, 'dtype', type(initial_state).__name__)}"
-        )
-    if initial_state.shape != torch.Size((N, H, K, V)):
-        raise ValueError(
-            f"{op}: initial_state has shape {_shape(initial_state)}; with cu_seqlens of {N} "
-            f"documents the state must be [N, H, K, V] = [{N}, {H}, {K}, {V}] (one per document)"
-        )
-    if initial_state.device != device:
-        raise ValueError(
-            f"{op}: initial_state is on {initial_state.device} but q is on {device}; move it "
-            f"to {device}"
-        )
+# check_offsets and check_document_states (imported above) live beside the offsets cache in
+# lsp.kernels.offsets, so that the kernels check a packed call with the same messages
 
 
 def offsets_digest(offsets: list[int]) -> int:

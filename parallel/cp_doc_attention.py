@@ -1,26 +1,36 @@
 """Document-causal softmax attention under CP with the balanced layout (packed documents).
 
 The same work split as :func:`lsp.parallel.cp_attention.balanced_causal_attention` (ranks pair up
-as ``(r, P-1-r)`` and the busier one hands the first rows of its queries to its partner), with
-every partial block masked to the pairs in one document and at or before the query
-(block-diagonal causal), from the global document offsets that every rank holds. Partials merge
-by their log-sum-exp; a query may see no key of its document in a partial block (its log-sum-exp
-is then ``-inf`` and it adds nothing), but always sees itself in its diagonal block, so the
-merged log-sum-exp is finite. The backward runs each partial's attention backward with the merged
-output and log-sum-exp, as the unmasked form does.
-
-The blocks are scored with explicit masks in plain torch (written by hand: torch's fused
-kernels take no per-pair mask with a log-sum-exp output); this is the CPU / reference path.
+as ``(r, P-1-r)`` and the busier one hands the first rows of its queries to its partner). Each
+partial block (full, or square causal on the diagonal) is cut along the documents, from the
+global offsets that every rank holds: the part of a document in both the block's rows and its
+keys is again a full block (its keys all come before its queries) or a square causal one, so it
+runs on the same fused kernels as unpacked attention (``cp_attention.attention_forward``, the
+backend resolved once), and rows of no document in the block's keys keep ``out = 0``,
+``lse = -inf``. Partials merge by their log-sum-exp; every query sees itself in its diagonal
+block, so the merged log-sum-exp is finite. The backward runs each document part's attention
+backward with the merged output and log-sum-exp, as the unmasked form does.
 """
 
 from __future__ import annotations
+
+import bisect
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lsp.parallel.cp_attention import _acc, _blocks, _exchange, _merge, balance_plan
-from lsp.parallel.packed import document_ids
+from lsp.kernels.offsets import host_offsets
+from lsp.parallel.cp_attention import (
+    _acc,
+    _blocks,
+    _exchange,
+    _merge,
+    attention_backward,
+    attention_forward,
+    balance_plan,
+    resolve_backend,
+)
 
 
 def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
@@ -32,49 +42,67 @@ def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
     _merge(parts, out, lse)
     return out, lse
 
-__all__ = ["balanced_document_attention", "masked_forward", "masked_backward"]
+
+__all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward"]
 
 
-def _block_mask(rows_cu: list[Tensor], q0: int, Tq: int, k0: int, Tk: int,
-                device) -> Tensor:
-    """``[B, 1, Tq, Tk]``: query ``q0 + i`` may see key ``k0 + j`` (same document, not later)."""
-    qpos = torch.arange(q0, q0 + Tq)
-    kpos = torch.arange(k0, k0 + Tk)
-    causal = kpos[None, :] <= qpos[:, None]
-    masks = [(document_ids(cu.cpu(), q0, Tq)[:, None] == document_ids(cu.cpu(), k0, Tk)[None, :])
-             & causal for cu in rows_cu]
-    return torch.stack(masks)[:, None].to(device)
+def _parts(rows_cu: list[Tensor], q0: int, Tq: int, k0: int, Sk: int, causal: bool) -> list:
+    """The document parts of a block of queries ``[q0, q0 + Tq)`` over keys ``[k0, k0 + Sk)``
+    (global positions): ``(row, query slice, key slice)`` in block-local indices. A full block's
+    keys all precede its queries; a causal block is square on the diagonal (``q0 == k0``)."""
+    if causal and (q0, Tq) != (k0, Sk):
+        raise ValueError(f"a causal partial must be square on the diagonal, got queries "
+                         f"[{q0}, {q0 + Tq}) over keys [{k0}, {k0 + Sk})")
+    parts = []
+    for b, cu in enumerate(rows_cu):
+        offs = host_offsets(cu)
+        i = bisect.bisect_right(offs, q0) - 1
+        while i < len(offs) - 1 and offs[i] < q0 + Tq:
+            s, e = offs[i], offs[i + 1]
+            qa, qb, ka, kb = max(s, q0), min(e, q0 + Tq), max(s, k0), min(e, k0 + Sk)
+            if qa < qb and ka < kb:
+                parts.append((b, slice(qa - q0, qb - q0), slice(ka - k0, kb - k0)))
+            i += 1
+    return parts
 
 
-def masked_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of attention of ``q [B,H,Tq,d]`` over ``k, v [B,H,Tk,d]`` where ``mask``
-    (``[B,1,Tq,Tk]`` bool) allows; a row with no allowed key gives ``out = 0``, ``lse = -inf``."""
-    acc = _acc(q.dtype)
-    s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    return (p @ v.to(acc)).to(q.dtype), lse
+def document_block_forward(q: Tensor, k: Tensor, v: Tensor, rows_cu: list[Tensor], q0: int,
+                           k0: int, causal: bool, backend: str):
+    """``(out, lse, saved)`` of the queries ``q [B,H,Tq,d]`` at global ``q0`` over the keys
+    ``k, v [B,H,Sk,d]`` at ``k0``, each query over the keys of its own document only; a row
+    with no such key gives ``out = 0``, ``lse = -inf``."""
+    B, H, Tq, d = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((B, H, Tq), float("-inf"), dtype=_acc(q.dtype), device=q.device)
+    parts = _parts(rows_cu, q0, Tq, k0, k.shape[2], causal)
+    states = []
+    for b, qs, ks in parts:
+        o, l, st = attention_forward(q[b:b + 1, :, qs], k[b:b + 1, :, ks], v[b:b + 1, :, ks],
+                                     causal, backend)
+        out[b:b + 1, :, qs] = o
+        lse[b:b + 1, :, qs] = l
+        states.append(st)
+    return out, lse, (parts, states, causal)
 
 
-def masked_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                    mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of one masked block given the merged output and log-sum-exp."""
-    acc, scale = _acc(q.dtype), q.shape[-1] ** -0.5
-    qa, ka, va, doa = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
-    s = (qa @ ka.transpose(-1, -2)) * scale
-    p = torch.exp(s.masked_fill(~mask, float("-inf")) - lse.unsqueeze(-1))
-    dv = p.transpose(-1, -2) @ doa
-    dp = doa @ va.transpose(-1, -2)
-    ds = p * (dp - (doa * out.to(acc)).sum(-1, keepdim=True))
-    dq = (ds @ ka) * scale
-    dk = (ds.transpose(-1, -2) @ qa) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                            lse: Tensor, saved, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of one block given the merged output and log-sum-exp."""
+    parts, states, causal = saved
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for (b, qs, ks), st in zip(parts, states):
+        g = attention_backward(do[b:b + 1, :, qs], q[b:b + 1, :, qs], k[b:b + 1, :, ks],
+                               v[b:b + 1, :, ks], out[b:b + 1, :, qs], lse[b:b + 1, :, qs],
+                               causal, st, backend)
+        dq[b:b + 1, :, qs] += g[0]
+        dk[b:b + 1, :, ks] += g[1]
+        dv[b:b + 1, :, ks] += g[2]
+    return dq, dk, dv
 
 
 class _BalancedDocumentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, K, V, rows_cu, group):
+    def forward(ctx, q, K, V, rows_cu, group, backend):
         P, r = dist.get_world_size(group), dist.get_rank(group)
         B, H, T, d = q.shape
         p = P - 1 - r
@@ -82,18 +110,18 @@ class _BalancedDocumentAttention(torch.autograd.Function):
         n_out, n_in = moved[r], (moved[p] if p != r else 0)
         base = r * T
         parts, saved = {}, []
-        for rows, keys, _ in _blocks(r, T, n_out):
-            mask = _block_mask(rows_cu, base + rows.start, rows.stop - rows.start, keys.start,
-                               keys.stop - keys.start, q.device)
-            o, lse = masked_forward(q[:, :, rows], K[:, :, keys], V[:, :, keys], mask)
+        for rows, keys, causal in _blocks(r, T, n_out):
+            o, lse, st = document_block_forward(q[:, :, rows], K[:, :, keys], V[:, :, keys],
+                                                rows_cu, base + rows.start, keys.start, causal,
+                                                backend)
             parts.setdefault((rows.start, rows.stop), []).append((o, lse))
-            saved.append((rows, keys, mask))
-        q_in = mask_in = None
+            saved.append((rows, keys, st))
+        q_in = saved_in = None
         if n_in:  # the partner's moved rows against the partner's full blocks
             q_in = q.new_empty(B, H, n_in, d)
             _exchange(group, p, [], [q_in])
-            mask_in = _block_mask(rows_cu, p * T, n_in, 0, p * T, q.device)
-            o_in, lse_in = masked_forward(q_in, K[:, :, : p * T], V[:, :, : p * T], mask_in)
+            o_in, lse_in, saved_in = document_block_forward(
+                q_in, K[:, :, : p * T], V[:, :, : p * T], rows_cu, p * T, 0, False, backend)
             _exchange(group, p, [o_in, lse_in], [])
         elif n_out:
             o_far = q.new_empty(B, H, n_out, d)
@@ -107,7 +135,8 @@ class _BalancedDocumentAttention(torch.autograd.Function):
             outs.append(o)
             lses.append(lse)
         out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-        ctx.group, ctx.blocks, ctx.n, ctx.mask_in = group, saved, (n_out, n_in, p), mask_in
+        ctx.group, ctx.blocks, ctx.n, ctx.saved_in = group, saved, (n_out, n_in, p), saved_in
+        ctx.backend = backend
         ctx.save_for_backward(q, K, V, out, lse, q_in)
         return out
 
@@ -118,9 +147,10 @@ class _BalancedDocumentAttention(torch.autograd.Function):
         T = q.shape[2]
         do = do.contiguous()
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
-        for rows, keys, mask in ctx.blocks:
-            g = masked_backward(do[:, :, rows], q[:, :, rows], K[:, :, keys], V[:, :, keys],
-                                out[:, :, rows], lse[:, :, rows], mask)
+        for rows, keys, st in ctx.blocks:
+            g = document_block_backward(do[:, :, rows], q[:, :, rows], K[:, :, keys],
+                                        V[:, :, keys], out[:, :, rows], lse[:, :, rows], st,
+                                        ctx.backend)
             dq[:, :, rows] += g[0]
             dK[:, :, keys] += g[1]
             dV[:, :, keys] += g[2]
@@ -129,8 +159,8 @@ class _BalancedDocumentAttention(torch.autograd.Function):
             lse_merged = q_in.new_empty(q_in.shape[:3], dtype=_acc(q.dtype))
             _exchange(ctx.group, p, [], [do_in, o_merged, lse_merged])
             pt = p * T
-            g = masked_backward(do_in, q_in, K[:, :, :pt], V[:, :, :pt], o_merged, lse_merged,
-                                ctx.mask_in)
+            g = document_block_backward(do_in, q_in, K[:, :, :pt], V[:, :, :pt], o_merged,
+                                        lse_merged, ctx.saved_in, ctx.backend)
             dK[:, :, :pt] += g[1]
             dV[:, :, :pt] += g[2]
             _exchange(ctx.group, p, [g[0]], [])
@@ -139,12 +169,15 @@ class _BalancedDocumentAttention(torch.autograd.Function):
             dq_far = q.new_empty(q.shape[:2] + (n_out, q.shape[3]))
             _exchange(ctx.group, p, [], [dq_far])
             dq[:, :, :n_out] += dq_far
-        return dq, dK, dV, None, None
+        return dq, dK, dV, None, None, None
 
 
 def balanced_document_attention(q: Tensor, K: Tensor, V: Tensor, rows_cu: list[Tensor],
-                                group) -> Tensor:
+                                group, backend: str = "auto") -> Tensor:
     """Document-causal attention of this CP rank's queries ``q [B, H, T, d]`` over the gathered
     ``K, V [B, H, P T, d]``, the work balanced over the ranks as in the unmasked form;
-    ``rows_cu``: each row's GLOBAL document offsets. Returns ``[B, H, T, d]``."""
-    return _BalancedDocumentAttention.apply(q, K, V, rows_cu, group)
+    ``rows_cu``: each row's GLOBAL document offsets; ``backend``: the kernel of every document
+    part (full or square causal: cuDNN or flash under ``auto``). Returns ``[B, H, T, d]``."""
+    T = q.shape[2]
+    backend = resolve_backend(backend, [(q, K[:, :, :T], True), (q, K, False)])
+    return _BalancedDocumentAttention.apply(q, K, V, rows_cu, group, backend)

@@ -2,15 +2,15 @@
 
 A query attends to the keys of its own document at or before it: block-diagonal causal
 attention. The keys are all-gathered over the CP group as in
-:func:`lsp.layers.attention.causal_attention` (LASP-2H). Without the balanced CP layout each
-document runs on the same fused causal kernels as unpacked attention (cuDNN or flash by
-``attention_backend``; documents grouped by padded length, one batched call per group; the
-document that continues from an earlier rank aligned lower-right), so no ``[T, S]`` mask is
-built and the cost is that of attention within the documents. With the balanced layout the
-partial blocks are masked from the global offsets and merge by their log-sum-exp
-(``lsp.parallel.cp_doc_attention``, plain torch). Every query sees at least itself, so no row
-is empty. Rotary embeddings need no per-document reset: they are relative, and no score crosses
-a document.
+:func:`lsp.layers.attention.causal_attention` (LASP-2H). Every document runs on the same fused
+causal kernels as unpacked attention (cuDNN or flash by ``attention_backend``), so no
+``[T, S]`` mask is built and the cost is that of attention within the documents: without the
+balanced CP layout the documents are grouped by padded length, one batched call per group (the
+document that continues from an earlier rank aligned lower-right); with it each partial block
+of the balanced split is cut along the documents (``lsp.parallel.cp_doc_attention``) and the
+partials merge by their log-sum-exp. Every query sees at least itself, so no row is empty.
+Rotary embeddings need no per-document reset: they are relative, and no score crosses a
+document.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
 
     ``q [B, T, H, d]``, ``k, v [B, T, Hkv, d]`` (this rank's contiguous slice); ``cu_seqlens``:
     the GLOBAL offsets of each row (``lsp.layers.context.document_rows``); ``group``: the CP
-    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``, masked math
-    blocks); ``backend``: the attention kernel of the per-document form
-    (``lsp.parallel.cp_attention.resolve_backend``). Returns ``[B, T, H, d]``, the matching slice
+    group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``);
+    ``backend``: the attention kernel (``lsp.parallel.cp_attention.resolve_backend``). Returns ``[B, T, H, d]``, the matching slice
     of document-causal attention over the whole sequence.
 
     Without the balanced layout no mask is built: each document's queries on this rank attend
@@ -54,11 +53,6 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
     rows = document_rows(cu_seqlens, B)
     multi = group is not None and torch.distributed.get_world_size(group) > 1
     r = torch.distributed.get_rank(group) if multi else 0
-    if multi and balance and backend in ("cudnn", "flash"):  # on every rank, before the gather
-        raise ValueError(
-            f"attention_backend={backend!r} with packed documents under the balanced CP layout: "
-            "that form scores masked blocks in plain torch; use attention_backend=auto or math, "
-            "or parallel.attention_load_balance=false (each document on the fused kernels)")
     if multi:
         k = all_gather_sequence(k, group, dim=1)
         v = all_gather_sequence(v, group, dim=1)
@@ -71,7 +65,7 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
         from lsp.parallel.cp_doc_attention import balanced_document_attention
 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        return balanced_document_attention(q, k, v, rows, group).transpose(1, 2)
+        return balanced_document_attention(q, k, v, rows, group, backend).transpose(1, 2)
     return _per_document(q, k, v, rows, r * T, backend)
 
 

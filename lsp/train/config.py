@@ -228,28 +228,6 @@ class RunConfig:
                 "TRITON_INTERPRET") != "1":
             raise ValueError("model.conv_backend=triton runs on GPUs (or under TRITON_INTERPRET=1); "
                              "this run is on CPU ranks: use model.conv_backend=torch")
-        self._check_packed_documents()
-
-    def _check_packed_documents(self) -> None:
-        """Packed documents need every stateful part to take document offsets; say which does
-        not before any process starts (the ops and convolutions take them on both backends;
-        document-causal attention under the balanced CP layout has only a masked form)."""
-        if not (self.data.reset_state_at_document_boundaries and self.data.kind != "mqar"):
-            return
-        m, p = self.model, self.parallel
-        blockers = []
-        if (m.attention_backend in ("cudnn", "flash") and "S" in m.pattern and p.cp > 1
-                and p.attention_load_balance):
-            blockers.append(f"model.attention_backend={m.attention_backend} with "
-                            "parallel.attention_load_balance=true (use auto or math, or "
-                            "attention_load_balance=false)")
-        if blockers:
-            raise ValueError(
-                "data.reset_state_at_document_boundaries=true (packed documents, the default) "
-                "needs document offsets in every layer, which these settings do not take yet: "
-                + "; ".join(blockers) + ". Change them, or set "
-                "data.reset_state_at_document_boundaries=false to train across boundaries as "
-                "Megatron's GPT datasets do")
 
     @property
     def on_gpu(self) -> bool:

@@ -75,7 +75,7 @@ def test_document_causal_attention_under_cp(P):
             assert max(errs) < 1e-12, (balance, errs)
 
 
-def _rows_rank(rank, P, rows):
+def _rows_rank(rank, P, rows, balance=False):
     import torch.distributed as dist
 
     T = rows[0][-1]
@@ -84,7 +84,7 @@ def _rows_rank(rank, P, rows):
     sl = slice(rank * Tl, (rank + 1) * Tl)
     group = dist.group.WORLD if P > 1 else None
     got = _grads(lambda *a: document_causal_attention(*a, [torch.tensor(r) for r in rows],
-                                                      group),
+                                                      group, balance),
                  q[:, sl], k[:, sl], v[:, sl], do[:, sl])
     wants = [_grads(lambda *a: _reference(*a, r), *(t[b:b + 1] for t in (q, k, v, do)))
              for b, r in enumerate(rows)]
@@ -92,12 +92,13 @@ def _rows_rank(rank, P, rows):
     return [float((g - w[:, sl]).abs().max()) for g, w in zip(got, want)]
 
 
-@pytest.mark.parametrize("P", [1, 2])
-def test_per_document_kernels_on_rows_of_their_own_documents(P):
+@pytest.mark.parametrize("P,balance", [(1, False), (2, False), (2, True)])
+def test_per_document_kernels_on_rows_of_their_own_documents(P, balance):
     """Two rows with their own offsets: documents of 1 to 13 tokens grouped by padded length,
-    one across the rank edge in each row (lower-right causal), in one process and under CP=2."""
+    one across the rank edge in each row (lower-right causal), in one process and under CP=2,
+    gathered or balanced (each block cut along the documents)."""
     rows = [[0, 1, 6, 7, 20, 23, 24], [0, 13, 15, 24]]
-    for errs in run_ranks(_rows_rank, P, rows):
+    for errs in run_ranks(_rows_rank, P, rows, balance):
         assert max(errs) < 1e-12, errs
 
 

@@ -125,10 +125,6 @@ def test_mqar_across_ranks_needs_the_exchanged_state(tmp_path):
      r"world size 2 is not divisible by tp\*cp = 1\*3"),
     (["data=megatron", "data.vocab_size=256"], r"data.kind=megatron needs data.path="),
     (["parallel.sp_method=zigzag"], r"sp_method='zigzag'"),
-    (["parallel.dist_backend=nccl", "model.attention_backend=cudnn", "parallel.cp=2",
-      "parallel.attention_load_balance=true"],
-     r"reset_state_at_document_boundaries=true .*needs document offsets.*"
-     r"model.attention_backend=cudnn with parallel.attention_load_balance=true"),
     # issue 19's list: each was a traceback, a hang or a late error after the ranks started
     (["data=megatron"], r"data.kind=megatron needs data.path=<prefix of a .bin/.idx pair>"),
     (["train.micro_batch=0"], r"train.micro_batch=0; it must be a number >= 1"),

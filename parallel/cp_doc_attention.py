@@ -43,7 +43,42 @@ def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-__all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward"]
+__all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward",
+           "square_groups", "to_device"]
+
+
+def square_groups(parts: list[tuple[int, int, int]]) -> list[tuple[Tensor, ...]]:
+    """Square causal document parts grouped by length, for one batched kernel call per group.
+
+    ``parts``: ``(first query row, first key row, length)`` in flat token rows. Per length
+    rounded up to a power of two ``L``: ``(query rows [m, L], key rows [m, L], kept [n] (the
+    real entries of the flattened ``[m * L]``), their query rows [n])``, int64 on the host. A
+    part is padded at its end by repeating its last row: causality keeps the padding unseen by
+    the real queries, and padded queries are dropped (their output gradient is zero).
+    """
+    by_length: dict[int, list[tuple[int, int, int]]] = {}
+    for part in parts:
+        by_length.setdefault(1 << (part[2] - 1).bit_length(), []).append(part)
+    groups = []
+    for L, ps in sorted(by_length.items()):
+        ar = torch.arange(L)
+        n = torch.tensor([x[2] for x in ps])
+        step = torch.minimum(ar[None, :], n[:, None] - 1)
+        qi = torch.tensor([x[0] for x in ps])[:, None] + step
+        ki = torch.tensor([x[1] for x in ps])[:, None] + step
+        kept = (ar[None, :] < n[:, None]).flatten().nonzero().flatten()
+        groups.append((qi, ki, kept, qi.flatten()[kept]))
+    return groups
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """A host index table on ``device``, pinned and asynchronous (no wait for the GPU)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``[B, H, T, ...]`` as token rows ``[B * T, H, ...]``."""
+    return x.transpose(1, 2).reshape((x.shape[0] * x.shape[2], x.shape[1]) + x.shape[3:])
 
 
 def _parts(rows_cu: list[Tensor], q0: int, Tq: int, k0: int, Sk: int, causal: bool) -> list:
@@ -72,9 +107,11 @@ def document_block_forward(q: Tensor, k: Tensor, v: Tensor, rows_cu: list[Tensor
     ``k, v [B,H,Sk,d]`` at ``k0``, each query over the keys of its own document only; a row
     with no such key gives ``out = 0``, ``lse = -inf``."""
     B, H, Tq, d = q.shape
+    parts = _parts(rows_cu, q0, Tq, k0, k.shape[2], causal)
+    if causal:  # the diagonal block's documents, grouped by length
+        return _square_forward(q, k, v, parts, backend)
     out = torch.zeros_like(q)
     lse = torch.full((B, H, Tq), float("-inf"), dtype=_acc(q.dtype), device=q.device)
-    parts = _parts(rows_cu, q0, Tq, k0, k.shape[2], causal)
     states = []
     for b, qs, ks in parts:
         o, l, st = attention_forward(q[b:b + 1, :, qs], k[b:b + 1, :, ks], v[b:b + 1, :, ks],
@@ -89,6 +126,8 @@ def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
                             lse: Tensor, saved, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of one block given the merged output and log-sum-exp."""
     parts, states, causal = saved
+    if causal:
+        return _square_backward(do, q, k, v, out, lse, saved, backend)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for (b, qs, ks), st in zip(parts, states):
         g = attention_backward(do[b:b + 1, :, qs], q[b:b + 1, :, qs], k[b:b + 1, :, ks],
@@ -98,6 +137,49 @@ def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
         dk[b:b + 1, :, ks] += g[1]
         dv[b:b + 1, :, ks] += g[2]
     return dq, dk, dv
+
+
+def _square_forward(q: Tensor, k: Tensor, v: Tensor, parts: list, backend: str):
+    """:func:`document_block_forward` of a diagonal block: every document part is square
+    causal; the parts of one padded length run as one batch (:func:`square_groups`)."""
+    B, H, T, d = q.shape
+    dev = q.device
+    groups = square_groups([(b * T + qs.start, b * T + qs.start, qs.stop - qs.start)
+                            for b, qs, _ in parts])
+    groups = [tuple(to_device(x, dev) for x in g) for g in groups]
+    qf, kf, vf = _rows(q), _rows(k), _rows(v)
+    out = q.new_zeros(B * T, H, d)
+    lse = torch.full((B * T, H), float("-inf"), dtype=_acc(q.dtype), device=dev)
+    states = []
+    for qi, ki, kept, real in groups:
+        o, l, st = attention_forward(qf[qi].transpose(1, 2), kf[ki].transpose(1, 2),
+                                     vf[ki].transpose(1, 2), True, backend)
+        out[real] = _rows(o)[kept]
+        lse[real] = _rows(l.unsqueeze(-1))[kept].squeeze(-1)
+        states.append(st)
+    return (out.view(B, T, H, d).transpose(1, 2), lse.view(B, T, H).transpose(1, 2),
+            (groups, states, True))
+
+
+def _square_backward(do, q, k, v, out, lse, saved, backend):
+    """:func:`document_block_backward` of a diagonal block (grouped as in the forward)."""
+    groups, states, _ = saved
+    B, H, T, d = q.shape
+    qf, kf, vf, dof, of = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
+    lf = _rows(lse.unsqueeze(-1)).squeeze(-1)
+    dq, dk, dv = (torch.zeros(B * T, H, d, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    for (qi, ki, kept, real), st in zip(groups, states):
+        m, L = qi.shape
+        live = torch.zeros(m * L, dtype=do.dtype, device=do.device)
+        live[kept] = 1.0  # padded queries get no output gradient
+        g = attention_backward((dof[qi] * live.view(m, L, 1, 1)).transpose(1, 2),
+                               qf[qi].transpose(1, 2), kf[ki].transpose(1, 2),
+                               vf[ki].transpose(1, 2), of[qi].transpose(1, 2),
+                               lf[qi].transpose(1, 2), True, st, backend)
+        dq.index_add_(0, real, _rows(g[0])[kept])
+        dk.index_add_(0, ki.flatten(), _rows(g[1]))
+        dv.index_add_(0, ki.flatten(), _rows(g[2]))
+    return tuple(x.view(B, T, H, d).transpose(1, 2) for x in (dq, dk, dv))
 
 
 class _BalancedDocumentAttention(torch.autograd.Function):

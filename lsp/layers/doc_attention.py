@@ -41,11 +41,9 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
     ``q [B, T, H, d]``, ``k, v [B, T, Hkv, d]`` (this rank's contiguous slice); ``cu_seqlens``:
     the GLOBAL offsets of each row (``lsp.layers.context.document_rows``); ``group``: the CP
     group; ``balance``: the balanced work split (``lsp.parallel.cp_doc_attention``);
-    ``backend``: the attention kernel (``lsp.parallel.cp_attention.resolve_backend``). Returns ``[B, T, H, d]``, the matching slice
-    of document-causal attention over the whole sequence.
-
-    Without the balanced layout no mask is built: each document's queries on this rank attend
-    its keys with the plain causal kernels (:func:`_per_document`).
+    ``backend``: the attention kernel (``lsp.parallel.cp_attention.resolve_backend``). Returns
+    ``[B, T, H, d]``, the matching slice of document-causal attention over the whole sequence.
+    Without the balanced layout see :func:`_per_document`.
     """
     from lsp.parallel.seq_gather import all_gather_sequence
 
@@ -84,11 +82,12 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     """
     from lsp.kernels.offsets import host_offsets
     from lsp.parallel.cp_attention import BlockAttention, resolve_backend
+    from lsp.parallel.cp_doc_attention import square_groups, to_device
 
     B, T, H, d = q.shape
     S = k.shape[1]
     qf, kf, vf = q.reshape(B * T, H, d), k.reshape(B * S, H, d), v.reshape(B * S, H, d)
-    groups: dict[int, list[tuple[int, int, int]]] = {}  # padded length -> (q row, k row, n)
+    square = []  # (q row, k row, length) of the documents that start on this shard
     crossing = []  # (q row, k row, queries, keys)
     for b, cu in enumerate(rows):
         offs = host_offsets(cu)
@@ -97,40 +96,27 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
             if lo >= hi:
                 continue
             if s >= t0:
-                n = hi - lo
-                groups.setdefault(1 << (n - 1).bit_length(), []).append(
-                    (b * T + lo - t0, b * S + lo, n))
+                square.append((b * T + lo - t0, b * S + lo, hi - lo))
             else:
                 crossing.append((b * T + lo - t0, b * S + s, hi - lo, hi - s))
     dev = q.device
-
-    def to_dev(x: Tensor) -> Tensor:  # pinned and asynchronous: no wait for the GPU
-        return x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x
-
     # index tables on the host (the offsets are host values); boolean masks on the device would
     # each cost a host sync (their result sizes are data-dependent)
-    blocks, real = [], []  # (q index, k index [n, L], kept flat rows of [n * L]); query rows
-    for L, docs in sorted(groups.items()):
-        ar = torch.arange(L)
-        n = torch.tensor([x[2] for x in docs])
-        step = torch.minimum(ar[None, :], n[:, None] - 1)  # padding repeats the last row
-        qi = torch.tensor([x[0] for x in docs])[:, None] + step
-        ki = torch.tensor([x[1] for x in docs])[:, None] + step
-        kept = (ar[None, :] < n[:, None]).flatten().nonzero().flatten()
-        blocks.append((qi, ki, kept))
-        real.append(qi.flatten()[kept])
-    for qr, kr, nq, nk in crossing:
-        real.append(torch.arange(qr, qr + nq))
-    order = torch.cat(real)  # every query row exactly once
-    inverse = torch.empty_like(order)
+    groups = square_groups(square)
+    order = torch.cat([g[3] for g in groups] + [torch.arange(qr, qr + nq)
+                                                for qr, _, nq, _ in crossing])
+    inverse = torch.empty_like(order)  # every query row is in exactly one part
     inverse[order] = torch.arange(order.numel())
-    inverse = to_dev(inverse)
-    gathered = [(qf[to_dev(qi)].transpose(1, 2), kf[to_dev(ki)].transpose(1, 2),
-                 vf[to_dev(ki)].transpose(1, 2), to_dev(kept)) for qi, ki, kept in blocks]
-    square = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
+    inverse = to_device(inverse, dev)
+    gathered = []
+    for qi, ki, kept, _ in groups:
+        qi, ki, kept = (to_device(x, dev) for x in (qi, ki, kept))
+        gathered.append((qf[qi].transpose(1, 2), kf[ki].transpose(1, 2), vf[ki].transpose(1, 2),
+                         kept))
+    sq = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
     outs = []
     for qb, kb, vb, kept in gathered:
-        o = BlockAttention.apply(qb, kb, vb, True, square).transpose(1, 2)  # [n, L, H, d]
+        o = BlockAttention.apply(qb, kb, vb, True, sq).transpose(1, 2)  # [m, L, H, d]
         outs.append(o.reshape(-1, H, d)[kept])
     for qr, kr, nq, nk in crossing:
         qb = qf[qr:qr + nq].transpose(0, 1)[None]

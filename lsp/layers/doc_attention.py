@@ -51,6 +51,12 @@ def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group
     rows = document_rows(cu_seqlens, B)
     multi = group is not None and torch.distributed.get_world_size(group) > 1
     r = torch.distributed.get_rank(group) if multi else 0
+    if multi and not balance and backend == "cudnn":  # on every rank, before the gather
+        raise ValueError(
+            "attention_backend='cudnn' under context parallelism needs the balanced layout "
+            "(parallel.attention_load_balance=true): without it a document continuing from an "
+            "earlier rank needs a lower-right causal mask, which torch's cuDNN attention does "
+            "not align; or use attention_backend=auto or flash")
     if multi:
         k = all_gather_sequence(k, group, dim=1)
         v = all_gather_sequence(v, group, dim=1)

@@ -106,3 +106,22 @@ def test_explicit_fused_backend_is_not_replaced_on_the_cpu():
     q, k, v, _ = _inputs(8)
     with pytest.raises(ValueError, match="attention_backend='flash' cannot run this attention"):
         document_causal_attention(q, k, v, torch.tensor([0, 3, 8]), backend="flash")
+
+
+def _cudnn_rank(rank, P):
+    import torch.distributed as dist
+
+    q, k, v, _ = _inputs(12)
+    try:
+        document_causal_attention(q[:, :6], k[:, :6], v[:, :6], torch.tensor([0, 4, 12]),
+                                  dist.group.WORLD, False, "cudnn")
+    except ValueError as e:
+        return str(e)
+    return "ran"
+
+
+def test_cudnn_gathered_cp_is_refused_on_every_rank():
+    # a document continuing from an earlier rank needs a lower-right causal block; the refusal
+    # comes on every rank before the gather, so no rank is left waiting in a collective
+    for msg in run_ranks(_cudnn_rank, 2):
+        assert "needs the balanced layout" in msg, msg

@@ -44,6 +44,7 @@ from .utils import (
     choose_doc_segments,
     choose_segments,
     dot_precision,
+    grad_block_k,
     grad_num_warps,
     next_pow2,
     launch,
@@ -377,18 +378,29 @@ class ChunkFunction(torch.autograd.Function):
         # for the per-channel gate's backward (intra.py), which multiplies it in float32
         dw = (torch.empty(k.shape, dtype=k.dtype if cfg.fast_wy else torch.float32, device=dev)
               if cfg.delta else dq)
-        final_g = cfg.gate == Gate.HEAD and not cfg.delta
-        dG = torch.empty(g.shape, **f32) if (cfg.gate and not final_g) else dq
-        dGl = (torch.empty((B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)
-        dg = torch.empty_like(g) if cfg.gate == Gate.HEAD else None
+        # the per-chunk gradients in blocks of key columns (utils.grad_block_k); the scalar
+        # gate's gradients are sums over the key columns: one part per block, summed here
+        BKG = grad_block_k(cfg.BK)
+        NK = triton.cdiv(K, BKG)
+        scalar_g = cfg.gate == Gate.HEAD
+        final_g = scalar_g and not cfg.delta and NK == 1
+        parts = NK if scalar_g else 1
+        dG = (torch.empty((parts,) + tuple(g.shape), **f32) if (cfg.gate and not final_g)
+              else dq)
+        dGl = (torch.empty((parts, B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)
+        dg = torch.empty_like(g) if final_g or (scalar_g and cfg.delta) else None
         dAqk = torch.empty(B, T, H, BT, **f32) if vec else dq
-        launch(grad_kernel, (NT, B * H),
+        launch(grad_kernel, (NT, B * H, NK),
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
             dG, dGl, dg if dg is not None else dq, dAqk, *cfg.chunk_pointers(q), scale, T, NT,
-            GATE=cfg.gate,
-            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(cfg.BK),
-            num_stages=GRAD_KERNEL_STAGES, **cfg.consts())
+            B * T * H, B * NT * H, GATE=cfg.gate,
+            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(BKG),
+            num_stages=GRAD_KERNEL_STAGES, **dict(cfg.consts(), BK=BKG))
         del h, dh
+        if cfg.gate and not final_g:
+            dG, dGl = (x.sum(0) if parts > 1 else x[0] for x in (dG, dGl))
+        if scalar_g and not cfg.delta and not final_g:  # linear attention, several key blocks
+            dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype, varlen=vl)
         if vec:
             pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG, varlen=vl)
             del dAqk

@@ -21,13 +21,17 @@ import triton.language as tl
 from .utils import chunk_span
 
 
-@triton.jit(do_not_specialize=["scale", "T", "NT"])
+@triton.jit(do_not_specialize=["scale", "T", "NT", "s_dG", "s_dGl"])
 def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
-                cu_seqlens, chunk_indices, scale, T, NT,
+                cu_seqlens, chunk_indices, scale, T, NT, s_dG, s_dGl,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
                 FINAL_G: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Grid ``(NT, B*H)``.
+    """Grid ``(NT, B*H, NK)``: each program one chunk and one block of ``BK`` key columns
+    (``NK = cdiv(K, BK)``). ``dA`` (over the value columns) is computed whole by every block;
+    the scalar gate's per-token and per-chunk gradients are sums over the key columns, so each
+    block writes its part at ``dG + i_k * s_dG``, ``dGl + i_k * s_dGl`` (``FINAL_G`` needs
+    ``NK = 1``).
 
     Writes ``dq`` and ``dk`` (in their tensors' dtypes: final values, or float32 partial sums that
     later kernels complete), ``dw`` (delta rule, in its tensor's dtype), and for gates either the
@@ -37,6 +41,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     """
     i_t = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_k = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
     i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
@@ -46,7 +51,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     m_t = o_t < T
     row = (bos + o_t) * H + i_h
     row_l = (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     hbase = (i_c * H + i_h) * K
@@ -99,7 +104,8 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
         b_dgl = tl.sum(b_kdd, axis=0) + tl.exp(b_gl) * b_hdh
         tl.store(dG + row[:, None] * K + o_k[None, :], b_dG, mask=m_tk)
         tl.store(dGl + (i_c * H + i_h) * K + o_k, b_dgl, mask=m_k)
-        tl.store(dAqk + row[:, None] * BT + o_i[None, :], b_dA, mask=m_t[:, None])
+        if i_k == 0:  # every key block has the whole dA
+            tl.store(dAqk + row[:, None] * BT + o_i[None, :], b_dA, mask=m_t[:, None])
     else:
         b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale
         if GATE == 1:
@@ -130,9 +136,9 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
                 b_dG = tl.where(m_t, b_dG, 0.0)
                 b_dg = tl.sum(b_dG, axis=0) - tl.cumsum(b_dG, axis=0) + b_dG + b_dgl
                 tl.store(dg + row, b_dg.to(dg.dtype.element_ty), mask=m_t)
-            else:
-                tl.store(dG + row, b_dG, mask=m_t)
-                tl.store(dGl + i_c * H + i_h, b_dgl)
+            else:  # this key block's part
+                tl.store(dG + i_k.to(tl.int64) * s_dG + row, b_dG, mask=m_t)
+                tl.store(dGl + i_k.to(tl.int64) * s_dGl + i_c * H + i_h, b_dgl)
     tl.store(dq + row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:

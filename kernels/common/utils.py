@@ -71,6 +71,17 @@ def state_num_warps(BK: int) -> int:
     return 4 if BK <= 128 else 8
 
 
+# Key columns per program of the per-chunk gradient kernel (``grad.py``).
+GRAD_KEY_BLOCK = 64
+
+
+def grad_block_k(BK: int) -> int:
+    """Key columns per program of ``grad_kernel``: blocks of ``GRAD_KEY_BLOCK``, so a program
+    keeps ``[64, 64]`` accumulators (with ``dA`` over the value columns computed by each block,
+    as fla's ``dqkwg`` does) instead of ``[64, 128]`` ones at 8 warps."""
+    return min(BK, GRAD_KEY_BLOCK)
+
+
 def grad_num_warps(BK: int) -> int:
     """Warps for the per-chunk backward kernels (``grad_kernel``, ``wy_bwd_kernel``): 4 up to
     ``BK = 64``, 8 above.

@@ -161,6 +161,18 @@ def test_delta_backward_in_key_blocks(gate, monkeypatch):
     check("delta_rule", args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_in_key_blocks(family, gate, monkeypatch):
+    """The per-chunk gradient kernel in blocks of key columns (64 on the GPU), forced here at
+    K = 40 in blocks of 16 (three blocks, the last ragged): the scalar gate's per-block parts
+    summed, linear attention's final gate gradient from them, the per-channel products' dA
+    written once."""
+    monkeypatch.setattr(kutils, "GRAD_KEY_BLOCK", 16)
+    args = make_inputs(family, gate, B=1, T=40, H=2, K=40, V=16, dtype=torch.float32, seed=13)
+    check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
+
+
 def test_state_augmentation_for_sequence_parallelism():
     """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
     in one call; the A block matches the delta rule's transition, here through linearity."""

@@ -37,7 +37,7 @@ from ..kinds import Gate
 from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
-from .state import state_bwd_kernel, state_fwd_kernel
+from .state import local_dr_kernel, state_bwd_kernel, state_fwd_kernel
 from .utils import (
     SUB_CHUNK,
     Varlen,
@@ -350,20 +350,24 @@ class ChunkFunction(torch.autograd.Function):
         r = torch.empty_like(v) if cfg.delta else None
         _state_fwd(cfg, 2, q, k, u, w, G, Aqk, None, h, r, s0, None, None, None, scale)
 
-        # reverse pass: local segment gradients, reverse scan, then per-chunk gradients
+        # reverse pass: each chunk's own part of dR in parallel (dr = A^T dO, completed in place
+        # by the last pass), local segment gradients, reverse scan, then per-chunk gradients
+        dr = torch.empty_like(v)
+        launch(local_dr_kernel, (NT, B * H), q, k, G if G is not None else q,
+               Aqk if Aqk is not None else q, do, dr, *cfg.chunk_pointers(q), scale, T,
+               GATE=cfg.gate, IP=cfg.IP, num_warps=4, **cfg.consts())
         if cfg.split:
-            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, None, None, scale,
+            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale,
                                table=cfg.segs.split)
             ds0 = _scan_segments(cfg, a_pair, d_loc[:, :, 0], dfinal, seg_dec, reverse=True)
             del d_loc
         elif P > 1:
-            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, None, None, scale)
+            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale)
             ds0 = _scan(cfg, a_pair, d_loc, dfinal, seg_dec, reverse=True)
             del d_loc
         else:
             ds0 = dfinal
         dh = torch.empty(B, NT, H, K, V, dtype=q.dtype, device=dev)
-        dr = torch.empty_like(v)
         ds_start = _state_bwd(cfg, 1, q, k, w, G, Aqk, do, dh, dr, ds0, scale)
         if ctx.has_init:  # a document's first segment (every batch row's first segment)
             first = ds_start[cfg.segs.first] if cfg.segs is not None else ds_start

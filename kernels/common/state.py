@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .utils import chunk_span
+
 
 @triton.jit
 def _scores(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT: tl.constexpr, GATE: tl.constexpr,
@@ -214,6 +216,9 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, seg
                      IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Reverse pass, grid ``(cdiv(V, BV), B*H, P)``.
 
+    ``dr`` holds ``A^T dO`` on entry (:func:`local_dr_kernel`, the part of ``dR`` from each
+    chunk's own outputs, computed in parallel), so the loop adds only ``Kd dS``.
+
     ``ds0`` ``[B,H,P,K,V]``: gradient w.r.t. each segment's end state (``HAS_DS0``); the result,
     the gradient w.r.t. each segment's start state, goes to ``ds_start`` ``[B,H,P,K,V]``.
     MODE 1 also writes ``dh`` (gradient w.r.t. each chunk's end state, ``[B,NT,H,K,V]``) and
@@ -261,8 +266,7 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, seg
         if GATE == 2:
             b_g2 = tl.load(G + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
             b_gl2 = tl.load(G + row_l * K + o_k, mask=m_k, other=0.0)
-        b_AT = _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP)
-        b_dr = tl.dot(b_AT.to(dt), b_do, input_precision=IP)
+        b_dr = tl.load(dr + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0).to(tl.float32)
         if GATE == 0:
             b_kd = b_k
             b_qg = b_q
@@ -285,3 +289,40 @@ def state_bwd_kernel(q, k, w, G, Aqk, do, dh, dr, ds0, ds_start, cu_seqlens, seg
             dS -= tl.dot(tl.trans(b_w), b_dr.to(dt), input_precision=IP)
 
     tl.store(ds_start + ((i_bh * P + i_p) * K + o_k[:, None]) * V + o_c[None, :], dS, mask=m_kc)
+
+
+@triton.jit(do_not_specialize=["scale", "T"])
+def local_dr_kernel(q, k, G, Aqk, do, dr, cu_seqlens, chunk_indices, scale, T,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IP: tl.constexpr,
+                    IS_VARLEN: tl.constexpr):
+    """``dr = A^T dO`` per chunk (the intra-chunk part of ``dR``), grid ``(NT, B*H)``; the
+    reverse state pass adds ``Kd dS`` to it in place. One program holds ``A^T`` and runs over
+    the value columns in blocks of ``BV``."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    dt = k.dtype.element_ty
+    o_i = tl.arange(0, BT)
+    o_t = (i_t * BT + o_i).to(tl.int64)
+    m_t = o_t < T
+    row = (bos + o_t) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    b_q = tl.zeros([BT, BK], dtype=dt)
+    b_k = tl.zeros([BT, BK], dtype=dt)
+    b_g = tl.zeros([BT], dtype=tl.float32)
+    if GATE != 2:
+        b_q = tl.load(q + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_k = tl.load(k + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    if GATE == 1:
+        b_g = tl.load(G + row, mask=m_t, other=0.0)
+    b_AT = _scores_t(b_q, b_k, b_g, m_t, o_i, Aqk, row, scale, BT, GATE, IP).to(dt)
+    for iv in range(tl.cdiv(V, BV)):
+        o_c = iv * BV + tl.arange(0, BV)
+        m_tc = m_t[:, None] & (o_c < V)[None, :]
+        b_do = tl.load(do + row[:, None] * V + o_c[None, :], mask=m_tc, other=0.0)
+        b_dr = tl.dot(b_AT, b_do, input_precision=IP)
+        tl.store(dr + row[:, None] * V + o_c[None, :], b_dr.to(dr.dtype.element_ty), mask=m_tc)

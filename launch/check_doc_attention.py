@@ -89,20 +89,8 @@ def packings(T: int) -> dict:
     return docs
 
 
-def timed(fn, reps):
-    for _ in range(2):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def cost(T, reps, backend):
+    from lsp.launch.bench_attention import _timed as timed
     from lsp.layers.attention import causal_attention
     from lsp.layers.doc_attention import document_causal_attention
 

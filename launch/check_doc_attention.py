@@ -128,10 +128,10 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from lsp.launch.dist_env import init_from_environment
 
+        if cuda:  # this rank's GPU before the process group touches one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         init_from_environment("nccl" if cuda else "gloo")
         group = torch.distributed.group.WORLD
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = torch.distributed.get_rank() if group is not None else 0
     P = torch.distributed.get_world_size() if group is not None else 1
     device = torch.device("cuda") if cuda else torch.device("cpu")

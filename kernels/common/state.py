@@ -25,7 +25,9 @@ Each segment's state map is affine, ``S_end = A_p S_start + B_p``, so:
    ``h`` and residuals ``R`` instead.
 
 The reverse pass is the same with transposes: ``dS_prev = gamma dS + scale Qg^T dO - W^T dR``,
-``dR = A^T dO + Kd dS``, scanned in reverse with ``A_p^T``.
+``dR = A^T dO + Kd dS``, scanned in reverse with ``A_p^T``. Packed documents run the same passes
+over a segment table (``utils.Segments``: a document, or a piece of a long one, per row; the
+scan along each document is ``chunk._scan_segments``).
 All index arithmetic that multiplies T, H and a head dim is int64.
 """
 

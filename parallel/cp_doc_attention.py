@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lsp.kernels.offsets import host_offsets
+from lsp.kernels.offsets import cached_on, host_offsets
 from lsp.parallel.cp_attention import (
     _acc,
     _blocks,
@@ -44,7 +44,14 @@ def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
 
 
 __all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward",
-           "square_groups", "to_device"]
+           "square_groups", "to_device", "cached_tables"]
+
+
+def cached_tables(rows_cu: list[Tensor], key: tuple, build):
+    """``build()`` once per offsets and ``key``: the layers of a step share the offsets, so the
+    index tables of packed attention are built on the host and copied to the device once per
+    step, not once per layer call (kept beside the first row's offsets, ``offsets.cached_on``)."""
+    return cached_on(rows_cu[0], key + tuple(host_offsets(r) for r in rows_cu[1:]), build)
 
 
 def square_groups(parts: list[tuple[int, int, int]]) -> list[tuple[Tensor, ...]]:
@@ -107,9 +114,17 @@ def document_block_forward(q: Tensor, k: Tensor, v: Tensor, rows_cu: list[Tensor
     ``k, v [B,H,Sk,d]`` at ``k0``, each query over the keys of its own document only; a row
     with no such key gives ``out = 0``, ``lse = -inf``."""
     B, H, Tq, d = q.shape
-    parts = _parts(rows_cu, q0, Tq, k0, k.shape[2], causal)
+    Sk, dev = k.shape[2], q.device
     if causal:  # the diagonal block's documents, grouped by length
-        return _square_forward(q, k, v, parts, backend)
+        def groups():
+            parts = _parts(rows_cu, q0, Tq, k0, Sk, causal)
+            return [tuple(to_device(x, dev) for x in g) for g in square_groups(
+                [(b * Tq + qs.start, b * Tq + qs.start, qs.stop - qs.start)
+                 for b, qs, _ in parts])]
+        return _square_forward(q, k, v, cached_tables(
+            rows_cu, ("doc_square", q0, Tq, str(dev)), groups), backend)
+    parts = cached_tables(rows_cu, ("doc_parts", q0, Tq, k0, Sk),
+                          lambda: _parts(rows_cu, q0, Tq, k0, Sk, causal))
     out = torch.zeros_like(q)
     lse = torch.full((B, H, Tq), float("-inf"), dtype=_acc(q.dtype), device=q.device)
     states = []
@@ -139,14 +154,12 @@ def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     return dq, dk, dv
 
 
-def _square_forward(q: Tensor, k: Tensor, v: Tensor, parts: list, backend: str):
+def _square_forward(q: Tensor, k: Tensor, v: Tensor, groups: list, backend: str):
     """:func:`document_block_forward` of a diagonal block: every document part is square
-    causal; the parts of one padded length run as one batch (:func:`square_groups`)."""
+    causal; the parts of one padded length (``groups``, :func:`square_groups` on ``q``'s
+    device) run as one batch."""
     B, H, T, d = q.shape
     dev = q.device
-    groups = square_groups([(b * T + qs.start, b * T + qs.start, qs.stop - qs.start)
-                            for b, qs, _ in parts])
-    groups = [tuple(to_device(x, dev) for x in g) for g in groups]
     qf, kf, vf = _rows(q), _rows(k), _rows(v)
     out = q.new_zeros(B * T, H, d)
     lse = torch.full((B * T, H), float("-inf"), dtype=_acc(q.dtype), device=dev)

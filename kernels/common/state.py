@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import chunk_span
+from .utils import chunk_span, doc_span
 
 
 @triton.jit
@@ -86,8 +86,7 @@ def _sequence(cu_seqlens, segments, i_b, T, NT, SEG, i_p, BT: tl.constexpr,
         n0 = tl.load(segments + i_b * 4 + 1)
         n1 = tl.load(segments + i_b * 4 + 2)
         first = tl.load(segments + i_b * 4 + 3).to(tl.int64)
-        bos = tl.load(cu_seqlens + doc).to(tl.int64)
-        T = tl.load(cu_seqlens + doc + 1).to(tl.int64) - bos
+        bos, T = doc_span(cu_seqlens, doc)
     else:
         doc = i_b
         bos = i_b * T

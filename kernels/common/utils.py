@@ -279,6 +279,13 @@ def varlen_pointers(varlen: Varlen | None, dummy: torch.Tensor):
 
 
 @triton.jit
+def doc_span(cu_seqlens, doc):
+    """``(bos, T)`` of packed document ``doc``: the row of its first token and its length, int64."""
+    bos = tl.load(cu_seqlens + doc).to(tl.int64)
+    return bos, tl.load(cu_seqlens + doc + 1).to(tl.int64) - bos
+
+
+@triton.jit
 def chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
     """``(chunk, bos, T)`` of the program's chunk ``i_t``: its index within its sequence, the row
     of the sequence's first token and the sequence's length. Dense: sequence ``i_b`` of the batch,
@@ -287,8 +294,7 @@ def chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
         i_c = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        T = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        bos, T = doc_span(cu_seqlens, i_n)
     else:
         i_c = i_t
         bos = i_b * T

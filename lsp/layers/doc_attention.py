@@ -86,13 +86,39 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     align), so the cost is that of causal attention over each document, with no ``[T, S]``
     mask. Index gathers move the rows in and out; everything is differentiable.
     """
-    from lsp.kernels.offsets import host_offsets
     from lsp.parallel.cp_attention import BlockAttention, resolve_backend
-    from lsp.parallel.cp_doc_attention import square_groups, to_device
+    from lsp.parallel.cp_doc_attention import cached_tables
 
     B, T, H, d = q.shape
     S = k.shape[1]
     qf, kf, vf = q.reshape(B * T, H, d), k.reshape(B * S, H, d), v.reshape(B * S, H, d)
+    groups, crossing, inverse = cached_tables(
+        rows, ("doc_attention", t0, T, S, str(q.device)),
+        lambda: _document_tables(rows, t0, T, S, q.device))
+    gathered = [(qf[qi].transpose(1, 2), kf[ki].transpose(1, 2), vf[ki].transpose(1, 2), kept)
+                for qi, ki, kept in groups]
+    sq = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
+    outs = []
+    for qb, kb, vb, kept in gathered:
+        o = BlockAttention.apply(qb, kb, vb, True, sq).transpose(1, 2)  # [m, L, H, d]
+        outs.append(o.reshape(-1, H, d)[kept])
+    for qr, kr, nq, nk in crossing:
+        qb = qf[qr:qr + nq].transpose(0, 1)[None]
+        kb, vb = (x[kr:kr + nk].transpose(0, 1)[None] for x in (kf, vf))
+        lower = resolve_backend(backend, [(qb, kb, True)], ("flash",))
+        outs.append(BlockAttention.apply(qb, kb, vb, True, lower)[0].transpose(0, 1))
+    return torch.cat(outs)[inverse].reshape(B, T, H, d)
+
+
+def _document_tables(rows: list[Tensor], t0: int, T: int, S: int, dev):
+    """The index tables of :func:`_per_document`, built on the host (the offsets are host
+    values; boolean masks on the device would each cost a host sync, their result sizes being
+    data-dependent) and copied to ``dev``: the square groups ``(q rows, k rows, kept)``, the
+    crossing documents ``(q row, k row, queries, keys)`` and the permutation back to token order.
+    """
+    from lsp.kernels.offsets import host_offsets
+    from lsp.parallel.cp_doc_attention import square_groups, to_device
+
     square = []  # (q row, k row, length) of the documents that start on this shard
     crossing = []  # (q row, k row, queries, keys)
     for b, cu in enumerate(rows):
@@ -105,28 +131,10 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
                 square.append((b * T + lo - t0, b * S + lo, hi - lo))
             else:
                 crossing.append((b * T + lo - t0, b * S + s, hi - lo, hi - s))
-    dev = q.device
-    # index tables on the host (the offsets are host values); boolean masks on the device would
-    # each cost a host sync (their result sizes are data-dependent)
     groups = square_groups(square)
     order = torch.cat([g[3] for g in groups] + [torch.arange(qr, qr + nq)
                                                 for qr, _, nq, _ in crossing])
     inverse = torch.empty_like(order)  # every query row is in exactly one part
     inverse[order] = torch.arange(order.numel())
-    inverse = to_device(inverse, dev)
-    gathered = []
-    for qi, ki, kept, _ in groups:
-        qi, ki, kept = (to_device(x, dev) for x in (qi, ki, kept))
-        gathered.append((qf[qi].transpose(1, 2), kf[ki].transpose(1, 2), vf[ki].transpose(1, 2),
-                         kept))
-    sq = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
-    outs = []
-    for qb, kb, vb, kept in gathered:
-        o = BlockAttention.apply(qb, kb, vb, True, sq).transpose(1, 2)  # [m, L, H, d]
-        outs.append(o.reshape(-1, H, d)[kept])
-    for qr, kr, nq, nk in crossing:
-        qb = qf[qr:qr + nq].transpose(0, 1)[None]
-        kb, vb = (x[kr:kr + nk].transpose(0, 1)[None] for x in (kf, vf))
-        lower = resolve_backend(backend, [(qb, kb, True)], ("flash",))
-        outs.append(BlockAttention.apply(qb, kb, vb, True, lower)[0].transpose(0, 1))
-    return torch.cat(outs)[inverse].reshape(B, T, H, d)
+    return ([tuple(to_device(x, dev) for x in g[:3]) for g in groups], crossing,
+            to_device(inverse, dev))

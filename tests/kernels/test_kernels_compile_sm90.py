@@ -12,10 +12,22 @@ from __future__ import annotations
 
 from triton_env import compile_results
 
-SCRIPT = r"""
+PRELUDE = r"""
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+
+def build(fn, sig, consts, warps):  # sm_90: "ok", "no ptx" or the compiler's last error line
+    try:
+        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        return "ok" if fn.__name__ in c.asm["ptx"] else "no ptx"
+    except Exception as e:
+        return str(e).strip().splitlines()[-1][:300]
+"""
+
+SCRIPT = PRELUDE + r"""
 from lsp.kernels.delta_net.intra import intra_fwd_kernel
 sig = {"k": "*bf16", "v": "*bf16", "beta": "*fp32", "G": "*fp32", "Pm": "*fp32", "w": "*bf16",
        "u": "*bf16", "TA": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32",
@@ -28,12 +40,7 @@ for K, V in [(32, 64), (64, 32), (128, 256)]:
         consts = {"H": 4, "K": K, "V": V, "BT": 64, "BC": 16, "NC": 4, "BKI": min(K, 64),
                   "BVI": min(V, 64), "GATE": gate, "STORE_TA": False, "IP": "tf32",
                   "IS_VARLEN": False}
-        try:
-            c = triton.compile(ASTSource(fn=intra_fwd_kernel, signature=sig, constexprs=consts),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            out[f"K{K}-V{V}-g{gate}"] = "ok" if "intra_fwd_kernel" in c.asm["ptx"] else "no ptx"
-        except Exception as e:
-            out[f"K{K}-V{V}-g{gate}"] = str(e).strip().splitlines()[-1][:300]
+        out[f"K{K}-V{V}-g{gate}"] = build(intra_fwd_kernel, sig, consts, 4)
 print(json.dumps(out))
 """
 
@@ -45,10 +52,7 @@ def test_intra_fwd_kernel_compiles_for_sm90():
     assert not bad, bad
 
 
-SCRIPT_WY = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+SCRIPT_WY = PRELUDE + r"""
 from lsp.kernels.delta_net import wy
 ptr = lambda t, names: {n: t for n in names.split()}
 common = {"cu_seqlens": "*i64", "chunk_indices": "*i32", "T": "i32"}
@@ -66,21 +70,12 @@ out = {}
 for name, (fn, sig, consts, warps) in cases.items():
     for gate in (0, 1):
         c2 = dict(consts, GATE=gate, IS_VARLEN=gate == 1, IP="tf32")
-        try:
-            c = triton.compile(ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in c2}},
-                                         constexprs=c2),
-                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            out[f"{name}-g{gate}"] = "ok" if fn.__name__ in c.asm["ptx"] else "no ptx"
-        except Exception as e:
-            out[f"{name}-g{gate}"] = str(e).strip().splitlines()[-1][:300]
+        out[f"{name}-g{gate}"] = build(fn, {**sig, **{k: "constexpr" for k in c2}}, c2, warps)
 print(json.dumps(out))
 """
 
 
-VARLEN_SCRIPT = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+VARLEN_SCRIPT = PRELUDE + r"""
 from lsp.kernels.common.state import state_bwd_kernel, state_fwd_kernel
 from lsp.kernels.delta_net.intra import intra_fwd_kernel
 ptr = {"cu_seqlens": "*i64", "chunk_indices": "*i32", "segments": "*i32"}
@@ -90,21 +85,17 @@ scal = {"T": "i32", "NT": "i32", "SEG": "i32", "P": "i32", "scale": "fp32"}
 base = dict(H=4, K=128, V=128, BT=64, GATE=1, IP="tf32", IS_VARLEN=True)
 cases = {
     "intra": (intra_fwd_kernel, dict(base, BC=16, NC=4, BKI=64, BVI=64, STORE_TA=True), 4),
+    # the state passes at the 4 warps they run at (utils.state_num_warps)
     "state_fwd": (state_fwd_kernel, dict(base, BK=128, BV=64, NV=2, DELTA=True, MODE=1,
-                                         HAS_S0=True, STORE_END=True), 8),
+                                         HAS_S0=True, STORE_END=True), 4),
     "state_bwd": (state_bwd_kernel, dict(base, BK=128, BV=64, DELTA=True, MODE=1,
-                                         HAS_DS0=True), 8),
+                                         HAS_DS0=True), 4),
 }
 out = {}
 for name, (kern, consts, warps) in cases.items():
     sig = {n: "constexpr" if n in consts else scal.get(n, ptr.get(n, "*bf16"))
            for n in kern.arg_names}
-    try:
-        c = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        out[name] = "ok" if kern.__name__ in c.asm["ptx"] else "no ptx"
-    except Exception as e:
-        out[name] = str(e).strip().splitlines()[-1][:300]
+    out[name] = build(kern, sig, consts, warps)
 print(json.dumps(out))
 """
 

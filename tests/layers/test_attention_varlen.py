@@ -125,3 +125,19 @@ def test_cudnn_gathered_cp_is_refused_on_every_rank():
     # comes on every rank before the gather, so no rank is left waiting in a collective
     for msg in run_ranks(_cudnn_rank, 2):
         assert "needs the balanced layout" in msg, msg
+
+
+def test_index_tables_are_built_once_per_offsets(monkeypatch):
+    """Two layer calls with one offsets tensor build the host index tables once."""
+    from lsp.layers import doc_attention
+
+    calls = []
+    orig = doc_attention._document_tables
+    monkeypatch.setattr(doc_attention, "_document_tables",
+                        lambda *a: calls.append(1) or orig(*a))
+    q, k, v, _ = _inputs(23)
+    cu = torch.tensor([0, 1, 6, 7, 20, 23])
+    first = document_causal_attention(q, k, v, cu)
+    again = document_causal_attention(q * 2, k, v, cu)
+    assert len(calls) == 1
+    assert not torch.allclose(first, again)  # the same tables, new values

@@ -44,7 +44,8 @@ def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
 
 
 __all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward",
-           "square_groups", "to_device", "cached_tables"]
+           "square_groups", "groups_to_device", "batch_rows", "real_rows", "to_device",
+           "cached_tables"]
 
 
 def cached_tables(rows_cu: list[Tensor], key: tuple, build):
@@ -54,28 +55,65 @@ def cached_tables(rows_cu: list[Tensor], key: tuple, build):
     return cached_on(rows_cu[0], key + tuple(host_offsets(r) for r in rows_cu[1:]), build)
 
 
-def square_groups(parts: list[tuple[int, int, int]]) -> list[tuple[Tensor, ...]]:
+def _bucket(n: int) -> int:
+    """The length bucket of a part of ``n`` rows: ``n`` rounded up to a quarter octave (four
+    buckets per power of two), so a part is padded by less than a quarter of its length."""
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
+def square_groups(parts: list[tuple[int, int, int]]) -> list[tuple]:
     """Square causal document parts grouped by length, for one batched kernel call per group.
 
-    ``parts``: ``(first query row, first key row, length)`` in flat token rows. Per length
-    rounded up to a power of two ``L``: ``(query rows [m, L], key rows [m, L], kept [n] (the
-    real entries of the flattened ``[m * L]``), their query rows [n])``, int64 on the host. A
-    part is padded at its end by repeating its last row: causality keeps the padding unseen by
-    the real queries, and padded queries are dropped (their output gradient is zero).
+    ``parts``: ``(first query row, first key row, length)`` in flat token rows. The parts of a
+    length bucket (:func:`_bucket`) run as one batch ``[m, L]`` with ``L`` the longest part's
+    length (at least 2: cuDNN refuses a single key), each part padded at its end with zero rows:
+    causality keeps the padding unseen by the real queries, and the padded queries' outputs are
+    dropped. Per group ``(query rows [n], key rows [n], slots, m, L, q0, k0)``: the real rows,
+    int64 on the host, unique (so that no gradient is scattered twice into one row); ``slots``
+    [n] their places in the flattened ``[m * L]`` batch, ``None`` where no part is padded (the
+    batch is the rows in order); ``q0, k0`` the first rows when the group is one unpadded part
+    (the batch is then a slice, no copy), else ``None``. See :func:`batch_rows`.
     """
-    by_length: dict[int, list[tuple[int, int, int]]] = {}
+    by_bucket: dict[int, list[tuple[int, int, int]]] = {}
     for part in parts:
-        by_length.setdefault(1 << (part[2] - 1).bit_length(), []).append(part)
+        by_bucket.setdefault(_bucket(part[2]), []).append(part)
     groups = []
-    for L, ps in sorted(by_length.items()):
-        ar = torch.arange(L)
-        n = torch.tensor([x[2] for x in ps])
-        step = torch.minimum(ar[None, :], n[:, None] - 1)
-        qi = torch.tensor([x[0] for x in ps])[:, None] + step
-        ki = torch.tensor([x[1] for x in ps])[:, None] + step
-        kept = (ar[None, :] < n[:, None]).flatten().nonzero().flatten()
-        groups.append((qi, ki, kept, qi.flatten()[kept]))
+    for _, ps in sorted(by_bucket.items()):
+        L = max(2, max(n for _, _, n in ps))
+        qi = torch.cat([torch.arange(a, a + n) for a, _, n in ps])
+        ki = torch.cat([torch.arange(b, b + n) for _, b, n in ps])
+        padded = any(n != L for _, _, n in ps)
+        slots = torch.cat([i * L + torch.arange(n) for i, (_, _, n) in enumerate(ps)]) \
+            if padded else None
+        one = len(ps) == 1 and not padded
+        groups.append((qi, ki, slots, len(ps), L, ps[0][0] if one else None,
+                       ps[0][1] if one else None))
     return groups
+
+
+def groups_to_device(groups: list[tuple], dev: torch.device) -> list[tuple]:
+    """:func:`square_groups`' tables with their index tensors on ``dev``."""
+    return [tuple(to_device(x, dev) if isinstance(x, Tensor) else x for x in g) for g in groups]
+
+
+def batch_rows(x: Tensor, rows: Tensor, slots, m: int, L: int, first) -> Tensor:
+    """The ``[m, L, ...]`` batch of a square group from token rows ``x [N, ...]``: a slice
+    when the group is one unpadded part starting at row ``first``, the gathered ``rows`` when no
+    part is padded, else the rows placed at ``slots`` of a zero batch (a copy to unique places,
+    whose backward is a gather: no scattered adds)."""
+    if first is not None:
+        return x[first:first + L].unsqueeze(0)
+    got = x[rows]
+    if slots is None:
+        return got.view((m, L) + x.shape[1:])
+    return x.new_zeros((m * L,) + x.shape[1:]).index_copy(0, slots, got).view((m, L) + x.shape[1:])
+
+
+def real_rows(y: Tensor, slots) -> Tensor:
+    """The real parts' rows of a batch ``y [m, L, ...]`` (the padded rows dropped)."""
+    flat = y.reshape((-1,) + y.shape[2:])
+    return flat if slots is None else flat[slots]
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:
@@ -118,9 +156,9 @@ def document_block_forward(q: Tensor, k: Tensor, v: Tensor, rows_cu: list[Tensor
     if causal:  # the diagonal block's documents, grouped by length
         def groups():
             parts = _parts(rows_cu, q0, Tq, k0, Sk, causal)
-            return [tuple(to_device(x, dev) for x in g) for g in square_groups(
+            return groups_to_device(square_groups(
                 [(b * Tq + qs.start, b * Tq + qs.start, qs.stop - qs.start)
-                 for b, qs, _ in parts])]
+                 for b, qs, _ in parts]), dev)
         return _square_forward(q, k, v, cached_tables(
             rows_cu, ("doc_square", q0, Tq, str(dev)), groups), backend)
     parts = cached_tables(rows_cu, ("doc_parts", q0, Tq, k0, Sk),
@@ -130,11 +168,18 @@ def document_block_forward(q: Tensor, k: Tensor, v: Tensor, rows_cu: list[Tensor
     states = []
     for b, qs, ks in parts:
         o, l, st = attention_forward(q[b:b + 1, :, qs], k[b:b + 1, :, ks], v[b:b + 1, :, ks],
-                                     causal, backend)
+                                     causal, _full_part_backend(backend, ks))
         out[b:b + 1, :, qs] = o
         lse[b:b + 1, :, qs] = l
         states.append(st)
     return out, lse, (parts, states, causal)
+
+
+def _full_part_backend(backend: str, ks: slice) -> str:
+    """The kernel of a full document part: ``backend``, except that a part of one key (a
+    document with a single token among the block's keys) runs the explicit formula, which is
+    exact and holds only its ``[Tq, 1]`` scores: torch's cuDNN attention refuses a single key."""
+    return "math" if backend == "cudnn" and ks.stop - ks.start == 1 else backend
 
 
 def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
@@ -147,7 +192,7 @@ def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
     for (b, qs, ks), st in zip(parts, states):
         g = attention_backward(do[b:b + 1, :, qs], q[b:b + 1, :, qs], k[b:b + 1, :, ks],
                                v[b:b + 1, :, ks], out[b:b + 1, :, qs], lse[b:b + 1, :, qs],
-                               causal, st, backend)
+                               causal, st, _full_part_backend(backend, ks))
         dq[b:b + 1, :, qs] += g[0]
         dk[b:b + 1, :, ks] += g[1]
         dv[b:b + 1, :, ks] += g[2]
@@ -156,7 +201,7 @@ def document_block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 
 def _square_forward(q: Tensor, k: Tensor, v: Tensor, groups: list, backend: str):
     """:func:`document_block_forward` of a diagonal block: every document part is square
-    causal; the parts of one padded length (``groups``, :func:`square_groups` on ``q``'s
+    causal; the parts of one length bucket (``groups``, :func:`square_groups` on ``q``'s
     device) run as one batch."""
     B, H, T, d = q.shape
     dev = q.device
@@ -164,34 +209,33 @@ def _square_forward(q: Tensor, k: Tensor, v: Tensor, groups: list, backend: str)
     out = q.new_zeros(B * T, H, d)
     lse = torch.full((B * T, H), float("-inf"), dtype=_acc(q.dtype), device=dev)
     states = []
-    for qi, ki, kept, real in groups:
-        o, l, st = attention_forward(qf[qi].transpose(1, 2), kf[ki].transpose(1, 2),
-                                     vf[ki].transpose(1, 2), True, backend)
-        out[real] = _rows(o)[kept]
-        lse[real] = _rows(l.unsqueeze(-1))[kept].squeeze(-1)
+    for qi, ki, slots, m, L, q0, k0 in groups:
+        o, l, st = attention_forward(*(batch_rows(x, i, slots, m, L, f).transpose(1, 2)
+                                       for x, i, f in ((qf, qi, q0), (kf, ki, k0), (vf, ki, k0))),
+                                     True, backend)
+        out[qi] = real_rows(o.transpose(1, 2), slots)
+        lse[qi] = real_rows(l.transpose(1, 2), slots)
         states.append(st)
     return (out.view(B, T, H, d).transpose(1, 2), lse.view(B, T, H).transpose(1, 2),
             (groups, states, True))
 
 
 def _square_backward(do, q, k, v, out, lse, saved, backend):
-    """:func:`document_block_backward` of a diagonal block (grouped as in the forward)."""
+    """:func:`document_block_backward` of a diagonal block (grouped as in the forward). The
+    padded rows are zero (their output gradient too), so they add nothing to the real rows'
+    gradients and need a finite log-sum-exp only, which the zero padding gives."""
     groups, states, _ = saved
     B, H, T, d = q.shape
     qf, kf, vf, dof, of = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
     lf = _rows(lse.unsqueeze(-1)).squeeze(-1)
     dq, dk, dv = (torch.zeros(B * T, H, d, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    for (qi, ki, kept, real), st in zip(groups, states):
-        m, L = qi.shape
-        live = torch.zeros(m * L, dtype=do.dtype, device=do.device)
-        live[kept] = 1.0  # padded queries get no output gradient
-        g = attention_backward((dof[qi] * live.view(m, L, 1, 1)).transpose(1, 2),
-                               qf[qi].transpose(1, 2), kf[ki].transpose(1, 2),
-                               vf[ki].transpose(1, 2), of[qi].transpose(1, 2),
-                               lf[qi].transpose(1, 2), True, st, backend)
-        dq.index_add_(0, real, _rows(g[0])[kept])
-        dk.index_add_(0, ki.flatten(), _rows(g[1]))
-        dv.index_add_(0, ki.flatten(), _rows(g[2]))
+    for (qi, ki, slots, m, L, q0, k0), st in zip(groups, states):
+        qb, ob, dob, lb = (batch_rows(x, qi, slots, m, L, q0).transpose(1, 2)
+                           for x in (qf, of, dof, lf))
+        kb, vb = (batch_rows(x, ki, slots, m, L, k0).transpose(1, 2) for x in (kf, vf))
+        g = attention_backward(dob, qb, kb, vb, ob, lb, True, st, backend)
+        for acc, rows, grad in ((dq, qi, g[0]), (dk, ki, g[1]), (dv, ki, g[2])):
+            acc.index_add_(0, rows, real_rows(grad.transpose(1, 2), slots))
     return tuple(x.view(B, T, H, d).transpose(1, 2) for x in (dq, dk, dv))
 
 

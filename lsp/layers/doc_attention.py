@@ -78,8 +78,9 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     """Each document's queries of this shard (global ``[t0, t0 + T)``) over its keys.
 
     A document that starts on this shard is a square causal block; those are grouped by
-    length (rounded up to a power of two, padded at the end, where causality keeps the padding
-    unseen by the real queries) and each group runs as one batch. A document that started on an
+    length (``cp_doc_attention.square_groups``: quarter-octave buckets, zero rows padded at the
+    end, where causality keeps them unseen by the real queries; a lone unpadded document is a
+    slice) and each group runs as one batch. A document that started on an
     earlier rank (at most one per row) is its shard's queries over all its keys so far, causal
     aligned lower-right. The blocks run on ``backend``'s kernels (cuDNN or flash under ``auto``
     for the square ones, flash for the lower-right ones, whose mask torch's cuDNN op does not
@@ -87,7 +88,7 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     mask. Index gathers move the rows in and out; everything is differentiable.
     """
     from lsp.parallel.cp_attention import BlockAttention, resolve_backend
-    from lsp.parallel.cp_doc_attention import cached_tables
+    from lsp.parallel.cp_doc_attention import batch_rows, cached_tables, real_rows
 
     B, T, H, d = q.shape
     S = k.shape[1]
@@ -95,29 +96,32 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     groups, crossing, inverse = cached_tables(
         rows, ("doc_attention", t0, T, S, str(q.device)),
         lambda: _document_tables(rows, t0, T, S, q.device))
-    gathered = [(qf[qi].transpose(1, 2), kf[ki].transpose(1, 2), vf[ki].transpose(1, 2), kept)
-                for qi, ki, kept in groups]
-    sq = resolve_backend(backend, [(g[0], g[1], True) for g in gathered], ("cudnn", "flash"))
     outs = []
-    for qb, kb, vb, kept in gathered:
+    batches = [tuple(batch_rows(x, i, slots, m, L, f).transpose(1, 2)
+                     for x, i, f in ((qf, qi, q0), (kf, ki, k0), (vf, ki, k0)))
+               for qi, ki, slots, m, L, q0, k0 in groups]
+    sq = resolve_backend(backend, [(b[0], b[1], True) for b in batches], ("cudnn", "flash"))
+    for (qb, kb, vb), g in zip(batches, groups):
         o = BlockAttention.apply(qb, kb, vb, True, sq).transpose(1, 2)  # [m, L, H, d]
-        outs.append(o.reshape(-1, H, d)[kept])
+        outs.append(real_rows(o, g[2]))
     for qr, kr, nq, nk in crossing:
         qb = qf[qr:qr + nq].transpose(0, 1)[None]
         kb, vb = (x[kr:kr + nk].transpose(0, 1)[None] for x in (kf, vf))
         lower = resolve_backend(backend, [(qb, kb, True)], ("flash",))
         outs.append(BlockAttention.apply(qb, kb, vb, True, lower)[0].transpose(0, 1))
-    return torch.cat(outs)[inverse].reshape(B, T, H, d)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return (out if inverse is None else out[inverse]).reshape(B, T, H, d)
 
 
 def _document_tables(rows: list[Tensor], t0: int, T: int, S: int, dev):
     """The index tables of :func:`_per_document`, built on the host (the offsets are host
     values; boolean masks on the device would each cost a host sync, their result sizes being
-    data-dependent) and copied to ``dev``: the square groups ``(q rows, k rows, kept)``, the
-    crossing documents ``(q row, k row, queries, keys)`` and the permutation back to token order.
+    data-dependent) and copied to ``dev``: the square groups (``square_groups``), the crossing
+    documents ``(q row, k row, queries, keys)`` and the permutation back to token order
+    (``None`` where the parts are already in token order, as for one document).
     """
     from lsp.kernels.offsets import host_offsets
-    from lsp.parallel.cp_doc_attention import square_groups, to_device
+    from lsp.parallel.cp_doc_attention import groups_to_device, square_groups, to_device
 
     square = []  # (q row, k row, length) of the documents that start on this shard
     crossing = []  # (q row, k row, queries, keys)
@@ -132,9 +136,10 @@ def _document_tables(rows: list[Tensor], t0: int, T: int, S: int, dev):
             else:
                 crossing.append((b * T + lo - t0, b * S + s, hi - lo, hi - s))
     groups = square_groups(square)
-    order = torch.cat([g[3] for g in groups] + [torch.arange(qr, qr + nq)
+    order = torch.cat([g[0] for g in groups] + [torch.arange(qr, qr + nq)
                                                 for qr, _, nq, _ in crossing])
+    if torch.equal(order, torch.arange(order.numel())):
+        return groups_to_device(groups, dev), crossing, None
     inverse = torch.empty_like(order)  # every query row is in exactly one part
     inverse[order] = torch.arange(order.numel())
-    return ([tuple(to_device(x, dev) for x in g[:3]) for g in groups], crossing,
-            to_device(inverse, dev))
+    return groups_to_device(groups, dev), crossing, to_device(inverse, dev)

@@ -94,10 +94,11 @@ def _rows_rank(rank, P, rows, balance=False):
 
 @pytest.mark.parametrize("P,balance", [(1, False), (2, False), (2, True)])
 def test_per_document_kernels_on_rows_of_their_own_documents(P, balance):
-    """Two rows with their own offsets: documents of 1 to 13 tokens grouped by padded length,
+    """Two rows with their own offsets: documents of 1 to 14 tokens grouped by padded length
+    (13 and 14 in one padded batch, single tokens padded to two),
     one across the rank edge in each row (lower-right causal), in one process and under CP=2,
     gathered or balanced (each block cut along the documents)."""
-    rows = [[0, 1, 6, 7, 20, 23, 24], [0, 13, 15, 24]]
+    rows = [[0, 1, 6, 7, 20, 23, 24], [0, 14, 15, 24]]
     for errs in run_ranks(_rows_rank, P, rows, balance):
         assert max(errs) < 1e-12, errs
 
@@ -141,3 +142,30 @@ def test_index_tables_are_built_once_per_offsets(monkeypatch):
     again = document_causal_attention(q * 2, k, v, cu)
     assert len(calls) == 1
     assert not torch.allclose(first, again)  # the same tables, new values
+
+
+def test_square_groups_pad_little_and_place_each_row_once():
+    """The batching of square document parts: each part's rows once (so no gradient is added
+    twice into a row), padded by less than a quarter of its length, never to a single key
+    (cuDNN refuses one), and a lone unpadded part is a slice (no copy)."""
+    from lsp.parallel.cp_doc_attention import square_groups
+
+    lengths = [1, 1, 5, 6, 13, 14, 100, 24576, 3000]
+    parts, row = [], 0
+    for n in lengths:
+        parts.append((row, 7 + row, n))
+        row += n
+    seen = []
+    for qi, ki, slots, m, L, q0, k0 in square_groups(parts):
+        assert L >= 2 and len(qi) == len(ki)
+        assert torch.equal(ki - qi, torch.full_like(qi, 7))
+        if slots is None:
+            assert len(qi) == m * L
+        else:
+            assert slots.unique().numel() == len(slots) == len(qi) and int(slots.max()) < m * L
+        mine = [p for p in parts if p[0] in set(qi.tolist())]
+        assert len(mine) == m and all(n <= L < 1.25 * n + 2 for _, _, n in mine)
+        assert (q0 is not None) == (m == 1 and slots is None)
+        seen += qi.tolist()
+    assert sorted(seen) == list(range(row))
+    assert [g[4] for g in square_groups([(0, 0, 24576)])] == [24576]  # not rounded to 32K

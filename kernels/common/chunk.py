@@ -255,8 +255,9 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
 
 
 # ``grad_kernel`` runs without software pipelining: on Hopper (Triton 3.6) its pipelined build
-# at BK = 64 returned a wrong ``dw`` (docs/results.md); its only loop is over V blocks, so
-# pipelining it gains little.
+# at BK = 64 returned a wrong ``dw``, differing from run to run (docs/results.md, 2026-11-26).
+# Pipelined it is 0.1-1 ms faster at T = 64K (2026-12-01), but one passing correctness run
+# cannot rule out an intermittent fault, so it stays off.
 GRAD_KERNEL_STAGES = 1
 
 
@@ -384,7 +385,7 @@ class ChunkFunction(torch.autograd.Function):
               if cfg.delta else dq)
         # the per-chunk gradients in blocks of key columns (utils.grad_block_k); the scalar
         # gate's gradients are sums over the key columns: one part per block, summed here
-        BKG = grad_block_k(cfg.BK)
+        BKG = grad_block_k(cfg.BK, cfg.gate == Gate.HEAD)
         NK = triton.cdiv(K, BKG)
         scalar_g = cfg.gate == Gate.HEAD
         final_g = scalar_g and not cfg.delta and NK == 1

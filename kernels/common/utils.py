@@ -71,15 +71,19 @@ def state_num_warps(BK: int) -> int:
     return 4 if BK <= 128 else 8
 
 
-# Key columns per program of the per-chunk gradient kernel (``grad.py``).
+# Key columns per program of the per-chunk gradient kernel (``grad.py``), chosen on an H200
+# (fwd+bwd at T = 64K, H = 16, K = V = 128; docs/results.md): blocks of 64 for DeltaNet (9.65
+# against 10.28 ms whole), whole blocks of 128 with a scalar gate (Gated DeltaNet 11.53 against
+# 12.45 ms: every block recomputes the [BT, BT] decay factors and A), even for the others.
 GRAD_KEY_BLOCK = 64
+GRAD_KEY_BLOCK_SCALAR_GATE = 128
 
 
-def grad_block_k(BK: int) -> int:
-    """Key columns per program of ``grad_kernel``: blocks of ``GRAD_KEY_BLOCK``, so a program
-    keeps ``[64, 64]`` accumulators (with ``dA`` over the value columns computed by each block,
-    as fla's ``dqkwg`` does) instead of ``[64, 128]`` ones at 8 warps."""
-    return min(BK, GRAD_KEY_BLOCK)
+def grad_block_k(BK: int, scalar_gate: bool) -> int:
+    """Key columns per program of ``grad_kernel``: blocks of ``GRAD_KEY_BLOCK`` (a program keeps
+    ``[64, 64]`` accumulators, with ``dA`` over the value columns computed by each block, as
+    fla's ``dqkwg`` does), or ``GRAD_KEY_BLOCK_SCALAR_GATE`` with a scalar gate."""
+    return min(BK, GRAD_KEY_BLOCK_SCALAR_GATE if scalar_gate else GRAD_KEY_BLOCK)
 
 
 def grad_num_warps(BK: int) -> int:

@@ -169,6 +169,7 @@ def test_gradients_in_key_blocks(family, gate, monkeypatch):
     summed, linear attention's final gate gradient from them, the per-channel products' dA
     written once."""
     monkeypatch.setattr(kutils, "GRAD_KEY_BLOCK", 16)
+    monkeypatch.setattr(kutils, "GRAD_KEY_BLOCK_SCALAR_GATE", 16)
     args = make_inputs(family, gate, B=1, T=40, H=2, K=40, V=16, dtype=torch.float32, seed=13)
     check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
 

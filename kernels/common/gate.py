@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import chunk_span, varlen_pointers
+from .utils import chunk_program, varlen_pointers
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -21,13 +21,8 @@ def chunk_cumsum_kernel(g, G, dGl, cu_seqlens, chunk_indices, T, NT, H: tl.const
                         VECTOR: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H, cdiv(KG, BKG))``; packed documents (``IS_VARLEN``, ``B = 1``): one
     program per row of ``chunk_indices``, ``dGl`` indexed by that global chunk."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_t, i_bh, i_h, i_c, bos, T = chunk_program(T, NT, cu_seqlens, chunk_indices, H, IS_VARLEN)
     i_k = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_t = (i_t * BT + tl.arange(0, BT)).to(tl.int64)
     m_t = o_t < T
     if VECTOR:

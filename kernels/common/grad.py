@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import chunk_span
+from .utils import chunk_program, chunk_rows
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "s_dG", "s_dGl"])
@@ -39,17 +39,9 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
     ``dGl`` (float32), and ``dAqk`` for per-channel gates. Packed documents (``IS_VARLEN``,
     ``B = 1``): one program per row of ``chunk_indices``; ``h``, ``dh`` and ``dGl`` by global chunk.
     """
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_t, i_bh, i_h, i_c, bos, T = chunk_program(T, NT, cu_seqlens, chunk_indices, H, IS_VARLEN)
     i_k = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    o_i = tl.arange(0, BT)
-    o_t = (i_t * BT + o_i).to(tl.int64)
-    m_t = o_t < T
-    row = (bos + o_t) * H + i_h
+    o_i, o_t, m_t, row = chunk_rows(i_t, i_h, bos, T, H, BT)
     row_l = (bos + tl.minimum(i_t * BT + BT, T) - 1) * H + i_h
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K

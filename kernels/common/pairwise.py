@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import SUB_CHUNK, chunk_span, dot_precision, launch, next_pow2, varlen_pointers
+from .utils import SUB_CHUNK, chunk_program, dot_precision, launch, next_pow2, varlen_pointers
 
 
 @triton.jit(do_not_specialize=["xscale", "T"])
@@ -26,12 +26,8 @@ def pairwise_fwd_kernel(x, y, G, out, cu_seqlens, chunk_indices, xscale, T,
                         H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                         BKP: tl.constexpr, NC: tl.constexpr, STRICT: tl.constexpr,
                         IP: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     i_s = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only
@@ -98,12 +94,8 @@ def pairwise_bwd_kernel(dM, x, y, G, dx, dy, dG, cu_seqlens, chunk_indices, xsca
                         IP: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Grid ``(NT, B*H, NC)``: sub-chunk ``s`` gets ``dx`` from its row blocks of ``dM`` and
     ``dy`` from its column blocks; all three results are added into their float32 buffers."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     i_s = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
     o_c = tl.arange(0, BC)
     t_s = i_t * BT + i_s * BC
     if t_s >= T:  # a sub-chunk of padding only

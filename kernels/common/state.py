@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import chunk_span, doc_span
+from .utils import chunk_program, chunk_rows, doc_span
 
 
 @triton.jit
@@ -300,16 +300,9 @@ def local_dr_kernel(q, k, G, Aqk, do, dr, cu_seqlens, chunk_indices, scale, T,
     """``dr = A^T dO`` per chunk (the intra-chunk part of ``dR``), grid ``(NT, B*H)``; the
     reverse state pass adds ``Kd dS`` to it in place. One program holds ``A^T`` and runs over
     the value columns in blocks of ``BV``."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     dt = k.dtype.element_ty
-    o_i = tl.arange(0, BT)
-    o_t = (i_t * BT + o_i).to(tl.int64)
-    m_t = o_t < T
-    row = (bos + o_t) * H + i_h
+    o_i, o_t, m_t, row = chunk_rows(i_t, i_h, bos, T, H, BT)
     o_k = tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
     b_q = tl.zeros([BT, BK], dtype=dt)

@@ -303,3 +303,30 @@ def chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN: tl.constexpr):
         i_c = i_t
         bos = i_b * T
     return i_c, bos, T
+
+
+@triton.jit
+def chunk_program(T, NT, cu_seqlens, chunk_indices, H: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where a per-chunk program (grid ``(NT, B*H, ...)``) works: ``(i_t, i_bh, i_h, i_c, bos,
+    T)``, the chunk within its sequence (:func:`chunk_span`), the batch-head (int64), the head,
+    the global chunk (``b * NT`` + program row; with packed documents, B = 1, the row of
+    ``chunk_indices``: pass ``NT = 0`` where it is not needed), the row of the sequence's first
+    token and the sequence's length."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_c = i_b * NT + i_t
+    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    return i_t, i_bh, i_h, i_c, bos, T
+
+
+@triton.jit
+def chunk_rows(i_t, i_h, bos, T, H: tl.constexpr, BT: tl.constexpr):
+    """A chunk's rows: ``(o_i, o_t, m_t, row)``, positions ``0..BT-1`` in the chunk, in the
+    sequence (int64), which of them exist (``< T``), and their rows of a ``[B, T, H, ...]``
+    tensor."""
+    o_i = tl.arange(0, BT)
+    o_t = (i_t * BT + o_i).to(tl.int64)
+    m_t = o_t < T
+    return o_i, o_t, m_t, (bos + o_t) * H + i_h

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.utils import chunk_span
+from ..common.utils import chunk_program, chunk_rows
 
 
 @triton.jit
@@ -120,11 +120,7 @@ def intra_fwd_kernel(k, v, beta, G, Pm, w, u, TA, cu_seqlens, chunk_indices, T,
     """Grid ``(NT, B*H)``: ``W``, ``U`` ``[B,T,H,K|V]`` (input dtype) and optionally ``T_A``
     ``[B,T,H,BT]`` (float32; row t holds its chunk's columns). Packed documents
     (``IS_VARLEN``, ``B = 1``): one program per row of ``chunk_indices``."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     dt = k.dtype.element_ty
     o = tl.arange(0, BC)
     t0 = i_t * BT
@@ -290,16 +286,8 @@ def wy_bwd_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, dbeta, dG,
     goes to ``dk`` (final, or float32 for a per-channel gate, whose pairwise part ``dP`` is
     added later). Scalar gate: the final ``dg`` is written from ``dG`` / ``dGl``; per-channel
     gate: this kernel's part is added into ``dG``."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    o_i = tl.arange(0, BT)
-    o_t = (i_t * BT + o_i).to(tl.int64)
-    m_t = o_t < T
-    row = (bos + o_t) * H + i_h
+    i_t, i_bh, i_h, i_c, bos, T = chunk_program(T, NT, cu_seqlens, chunk_indices, H, IS_VARLEN)
+    o_i, o_t, m_t, row = chunk_rows(i_t, i_h, bos, T, H, BT)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
@@ -393,16 +381,8 @@ def wy_bwd_blocked_kernel(k, v, beta, G, TA, Pm, w, u, dw, dr, dk_in, dk, dv, db
     """``wy_bwd_kernel`` with the key dimension in blocks of ``BKW`` (used for K > 128: the
     single-tile kernel's float32 ``[BT, K]`` operands need more shared memory than an H100 has).
     Same outputs; ``dX_w`` is recomputed per block in a second pass instead of being kept."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
-    o_i = tl.arange(0, BT)
-    o_t = (i_t * BT + o_i).to(tl.int64)
-    m_t = o_t < T
-    row = (bos + o_t) * H + i_h
+    i_t, i_bh, i_h, i_c, bos, T = chunk_program(T, NT, cu_seqlens, chunk_indices, H, IS_VARLEN)
+    o_i, o_t, m_t, row = chunk_rows(i_t, i_h, bos, T, H, BT)
 
     b_b = tl.load(beta + row, mask=m_t, other=0.0).to(tl.float32)
     b_TA = tl.load(TA + row[:, None] * BT + o_i[None, :], mask=m_t[:, None], other=0.0)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..common.utils import chunk_span
+from ..common.utils import chunk_program
 from .intra import _inv_unit_lower, _lower_half_inverse, _store_block, _store_lower_half
 
 
@@ -61,11 +61,7 @@ def kkt_solve_kernel(k, beta, G, Ai, cu_seqlens, chunk_indices, T,
                      NC: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
                      IS_VARLEN: tl.constexpr, IP: tl.constexpr):
     """Grid ``(NT, B*H)``: ``Ai = (I + L)^{-1}`` of each chunk into ``[B, T, H, BT]``."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     o = tl.arange(0, BC)
     t0 = i_t * BT
     o_0 = t0 + o
@@ -181,11 +177,7 @@ def wu_kernel(k, v, beta, G, Ai, w, u, cu_seqlens, chunk_indices, T,
     next to key blocks of 64, Triton 3.6 built a kernel that read outside its shared memory on
     Hopper (compute-sanitizer: out-of-range shared address in the value product).
     """
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_t, i_bh, i_h, _, bos, T = chunk_program(T, 0, cu_seqlens, chunk_indices, H, IS_VARLEN)
     dt = k.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
@@ -215,12 +207,7 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
     the two products of ``dL = -Ai^T dAi Ai^T`` stay in float32. One block width ``BW`` for the
     key and value loops (see ``wu_kernel``).
     """
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_c = i_b * NT + i_t  # the global chunk (B = 1 with packed documents)
-    i_t, bos, T = chunk_span(i_t, i_b, T, cu_seqlens, chunk_indices, IS_VARLEN)
+    i_t, i_bh, i_h, i_c, bos, T = chunk_program(T, NT, cu_seqlens, chunk_indices, H, IS_VARLEN)
     dt = k.dtype.element_ty
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i

@@ -44,8 +44,8 @@ def _merged(parts: list[tuple[Tensor, Tensor]], dtype) -> tuple[Tensor, Tensor]:
 
 
 __all__ = ["balanced_document_attention", "document_block_forward", "document_block_backward",
-           "square_groups", "groups_to_device", "batch_rows", "real_rows", "to_device",
-           "cached_tables"]
+           "square_groups", "groups_to_device", "batch_rows", "group_batch", "real_rows",
+           "to_device", "cached_tables"]
 
 
 def cached_tables(rows_cu: list[Tensor], key: tuple, build):
@@ -108,6 +108,13 @@ def batch_rows(x: Tensor, rows: Tensor, slots, m: int, L: int, first) -> Tensor:
     if slots is None:
         return got.view((m, L) + x.shape[1:])
     return x.new_zeros((m * L,) + x.shape[1:]).index_copy(0, slots, got).view((m, L) + x.shape[1:])
+
+
+def group_batch(x: Tensor, group: tuple, keys: bool = False) -> Tensor:
+    """A square group's (:func:`square_groups`) batch of token rows ``x [N, H, ...]`` as
+    ``[m, H, L, ...]``: its query rows, or its key rows (``keys``)."""
+    qi, ki, slots, m, L, q0, k0 = group
+    return batch_rows(x, ki if keys else qi, slots, m, L, k0 if keys else q0).transpose(1, 2)
 
 
 def real_rows(y: Tensor, slots) -> Tensor:
@@ -209,10 +216,10 @@ def _square_forward(q: Tensor, k: Tensor, v: Tensor, groups: list, backend: str)
     out = q.new_zeros(B * T, H, d)
     lse = torch.full((B * T, H), float("-inf"), dtype=_acc(q.dtype), device=dev)
     states = []
-    for qi, ki, slots, m, L, q0, k0 in groups:
-        o, l, st = attention_forward(*(batch_rows(x, i, slots, m, L, f).transpose(1, 2)
-                                       for x, i, f in ((qf, qi, q0), (kf, ki, k0), (vf, ki, k0))),
-                                     True, backend)
+    for g in groups:
+        qi, slots = g[0], g[2]
+        o, l, st = attention_forward(group_batch(qf, g), group_batch(kf, g, keys=True),
+                                     group_batch(vf, g, keys=True), True, backend)
         out[qi] = real_rows(o.transpose(1, 2), slots)
         lse[qi] = real_rows(l.transpose(1, 2), slots)
         states.append(st)
@@ -229,10 +236,10 @@ def _square_backward(do, q, k, v, out, lse, saved, backend):
     qf, kf, vf, dof, of = _rows(q), _rows(k), _rows(v), _rows(do), _rows(out)
     lf = _rows(lse.unsqueeze(-1)).squeeze(-1)
     dq, dk, dv = (torch.zeros(B * T, H, d, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    for (qi, ki, slots, m, L, q0, k0), st in zip(groups, states):
-        qb, ob, dob, lb = (batch_rows(x, qi, slots, m, L, q0).transpose(1, 2)
-                           for x in (qf, of, dof, lf))
-        kb, vb = (batch_rows(x, ki, slots, m, L, k0).transpose(1, 2) for x in (kf, vf))
+    for grp, st in zip(groups, states):
+        qi, ki, slots = grp[:3]
+        qb, ob, dob, lb = (group_batch(x, grp) for x in (qf, of, dof, lf))
+        kb, vb = (group_batch(x, grp, keys=True) for x in (kf, vf))
         g = attention_backward(dob, qb, kb, vb, ob, lb, True, st, backend)
         for acc, rows, grad in ((dq, qi, g[0]), (dk, ki, g[1]), (dv, ki, g[2])):
             acc.index_add_(0, rows, real_rows(grad.transpose(1, 2), slots))

@@ -88,17 +88,10 @@ def document_positions(cu_seqlens: Tensor, t0: int, T: int) -> Tensor:
     """Each token's position inside its document, for the global tokens ``[t0, t0 + T)``.
 
     ``cu_seqlens`` holds the global offsets; the result is ``[T]`` int64 on their device
-    (0 at a document's first token). Short convolutions mask the taps at ``j > position`` and
-    softmax attention the keys before the document start with it.
+    (0 at a document's first token). Short convolutions mask the taps at ``j > position`` with it;
+    routed Mixture-of-Memories finds the document starts (position 0).
     """
     cu = cu_seqlens.to(torch.int64)
     p = torch.arange(t0, t0 + T, device=cu.device)
     doc = torch.searchsorted(cu, p, right=True) - 1
     return p - cu[doc]
-
-
-def document_ids(cu_seqlens: Tensor, t0: int, T: int) -> Tensor:
-    """The document index of each global token in ``[t0, t0 + T)``, ``[T]`` int64."""
-    cu = cu_seqlens.to(torch.int64)
-    p = torch.arange(t0, t0 + T, device=cu.device)
-    return torch.searchsorted(cu, p, right=True) - 1

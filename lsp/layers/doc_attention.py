@@ -16,22 +16,11 @@ document.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lsp.layers.context import document_rows
-from lsp.parallel.packed import document_ids
 
-__all__ = ["document_causal_mask", "document_causal_attention"]
-
-
-def document_causal_mask(cu_seqlens: Tensor, t0: int, T: int, S: int) -> Tensor:
-    """``[T, S]`` bool: query ``t0 + i`` may attend key ``j`` (same document, ``j <= t0 + i``)."""
-    qd = document_ids(cu_seqlens, t0, T)
-    kd = document_ids(cu_seqlens, 0, S)
-    qpos = torch.arange(t0, t0 + T, device=qd.device)
-    kpos = torch.arange(S, device=qd.device)
-    return (qd[:, None] == kd[None, :]) & (kpos[None, :] <= qpos[:, None])
+__all__ = ["document_causal_attention"]
 
 
 def document_causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens, group=None,
@@ -88,7 +77,7 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
     mask. Index gathers move the rows in and out; everything is differentiable.
     """
     from lsp.parallel.cp_attention import BlockAttention, resolve_backend
-    from lsp.parallel.cp_doc_attention import batch_rows, cached_tables, real_rows
+    from lsp.parallel.cp_doc_attention import cached_tables, group_batch, real_rows
 
     B, T, H, d = q.shape
     S = k.shape[1]
@@ -97,9 +86,8 @@ def _per_document(q: Tensor, k: Tensor, v: Tensor, rows: list[Tensor], t0: int,
         rows, ("doc_attention", t0, T, S, str(q.device)),
         lambda: _document_tables(rows, t0, T, S, q.device))
     outs = []
-    batches = [tuple(batch_rows(x, i, slots, m, L, f).transpose(1, 2)
-                     for x, i, f in ((qf, qi, q0), (kf, ki, k0), (vf, ki, k0)))
-               for qi, ki, slots, m, L, q0, k0 in groups]
+    batches = [(group_batch(qf, g), group_batch(kf, g, keys=True), group_batch(vf, g, keys=True))
+               for g in groups]
     sq = resolve_backend(backend, [(b[0], b[1], True) for b in batches], ("cudnn", "flash"))
     for (qb, kb, vb), g in zip(batches, groups):
         o = BlockAttention.apply(qb, kb, vb, True, sq).transpose(1, 2)  # [m, L, H, d]

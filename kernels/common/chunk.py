@@ -157,10 +157,14 @@ def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
     ``Ai``, which the scalar-gate delta rule computes once in the forward and keeps)."""
     vl = cfg.varlen
     G = chunk_cumsum(g, cfg.BT, vl) if cfg.gate else None
-    Aqk = (pairwise_fwd(q, k, G, scale, cfg.BT, strict=False, varlen=vl)
-           if cfg.gate == Gate.KEY else None)
-    Pm = (pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True, varlen=vl)
-          if cfg.gate == Gate.KEY and cfg.delta else None)
+    Aqk = Pm = None
+    if cfg.gate == Gate.KEY and cfg.delta and FUSE_PAIRWISE:  # both in one pass over k and G
+        Aqk, Pm = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False, varlen=vl,
+                               second=(k, 1.0, True))
+    elif cfg.gate == Gate.KEY:
+        Aqk = pairwise_fwd(q, k, G, scale, cfg.BT, strict=False, varlen=vl)
+        if cfg.delta:
+            Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True, varlen=vl)
     w = u = TA = None
     if cfg.fast_wy:
         if Ai is None:
@@ -253,6 +257,11 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
             x = x + Y[:, :, p]
     return X
 
+
+# The per-channel-gated delta rule computes its two pairwise products (``Aqk``, ``Akk``) and
+# their gradients in one pass each (shared loads and exponentials, as fla's KDA kernels do);
+# ``False`` runs them separately (the A/B in ``launch/ab_pairwise.py``).
+FUSE_PAIRWISE = True
 
 # ``grad_kernel`` runs without software pipelining: on Hopper (Triton 3.6) its pipelined build
 # at BK = 64 returned a wrong ``dw``, differing from run to run (docs/results.md, 2026-11-26).
@@ -406,7 +415,7 @@ class ChunkFunction(torch.autograd.Function):
             dG, dGl = (x.sum(0) if parts > 1 else x[0] for x in (dG, dGl))
         if scalar_g and not cfg.delta and not final_g:  # linear attention, several key blocks
             dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype, varlen=vl)
-        if vec:
+        if vec and not (cfg.delta and FUSE_PAIRWISE):
             pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG, varlen=vl)
             del dAqk
 
@@ -438,7 +447,10 @@ class ChunkFunction(torch.autograd.Function):
                            BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate,
                            IP=cfg.IP, IS_VARLEN=vl is not None, num_warps=8)
             dk = dk_out
-            if vec:
+            if vec and FUSE_PAIRWISE:  # both gradients in one pass (the WY backward adds)
+                pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG, varlen=vl, second=(dP, 1.0))
+                del dAqk, dP
+            elif vec:
                 pairwise_bwd(dP, k, k, G, 1.0, BT, dk, dk, dG, varlen=vl)
         else:
             dv = dr

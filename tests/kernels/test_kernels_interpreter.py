@@ -161,6 +161,18 @@ def test_delta_backward_in_key_blocks(gate, monkeypatch):
     check("delta_rule", args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_per_channel_delta_rule_pairwise_products_fused_or_separate(fuse, monkeypatch):
+    """KDA-like's two pairwise products (Aqk, Akk) and their gradients in one pass each, or in
+    two: both against the oracle, with packed documents and segments (ragged sub-chunks)."""
+    from lsp.kernels.common import chunk as kchunk
+
+    monkeypatch.setattr(kchunk, "FUSE_PAIRWISE", fuse)
+    args = make_inputs("delta_rule", "key", B=2, T=75, H=2, K=24, V=16, dtype=torch.float32,
+                       seed=21)
+    check("delta_rule", args, TOL[torch.float32], chunk_size=32, num_segments=2)
+
+
 @pytest.mark.parametrize("T", [128, 320])
 @pytest.mark.parametrize("gate", ["head", "key"])
 @pytest.mark.parametrize("family", FAMILIES)

@@ -250,9 +250,10 @@ def pairwise_bwd_kernel(dM, dM2, x, y, G, dx, dy, dG, cu_seqlens, chunk_indices,
         tl.store(dG + p_rk, tl.load(dG + p_rk, mask=m_rk, other=0.0) + b_dg, mask=m_rk)
 
 
-# Warps per launch: the single products at 4 (as measured before); the fused pair at 8, where
-# its sm_90 build (Triton 3.6) holds everything in registers (at 4 it spills 48 / 784 bytes).
-PAIR_WARPS = {"fwd": 4, "bwd": 4, "fwd2": 8, "bwd2": 8}
+# Warps per launch, all 4 by a same-run A/B on the H200 (launch/ab_pairwise.py, docs/results.md
+# 2026-12-01, fourth session): the fused pair at 4 warps spills 48 / 784 bytes in its sm_90
+# build, yet took 43.0 ms for KDA-like fwd+bwd at 64K against 56.3 at 8 warps (46.9 separate).
+PAIR_WARPS = {"fwd": 4, "bwd": 4, "fwd2": 4, "bwd2": 4}
 
 
 def _sizes(x: torch.Tensor, BT: int, varlen):

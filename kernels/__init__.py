@@ -134,16 +134,19 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None,
-               cu_seqlens=None):
+               cu_seqlens=None, boundary=None):
     """Chunkwise (gated) delta rule on the Triton kernels (contract of ``lsp.ops.delta_rule``;
-    ``cu_seqlens`` as for :func:`linear_attention`)."""
+    ``cu_seqlens`` as for :func:`linear_attention`). ``boundary``: this call is one rank's
+    slice of a sequence-parallel run (``lsp.parallel.sequence_parallel`` passes it; see
+    ``common/chunk.chunk_forward``); ``initial_state`` is then the state before the whole
+    sequence and the final state the state after it."""
     _check("delta_rule", q, v, chunk_size)
     cu_seqlens = _check_packed("delta_rule", q, v, cu_seqlens, initial_state)
     from .delta_net import chunk_delta_rule
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return chunk_delta_rule(q, k, v, beta, _clamp_full_forget(g), scale, initial_state,
-                            output_final_state, chunk_size, num_segments, cu_seqlens)
+                            output_final_state, chunk_size, num_segments, cu_seqlens, boundary)
 
 
 __all__ = ["linear_attention", "delta_rule", "unavailable_reason", "available"]

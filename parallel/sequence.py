@@ -21,6 +21,12 @@ Overlap plan (order of work on a rank):
    overlaps only with what the caller enqueues before consuming the result.)
 4. The main stream waits for the side stream, then ``o = o0 + qe @ S_start``.
 
+The delta rule on the Triton kernels takes another route: the op itself calls the exchange
+between its segment-pair pass and its output pass (forward), and between its local reverse pass
+and its per-chunk gradients (backward); see :class:`_KernelBoundary`. There is nothing to
+overlap (the outputs need the incoming state), but the rank runs the op once at width ``V``
+instead of ``V + K``.
+
 Backward: autograd reaches the exchange once ``G_r = qe^T dO`` is known; the reverse scan runs
 on the current stream (it is one state per rank, and the local backward needs its result).
 On CPU (gloo) receives block the host, so the exchange runs where it is called: sequential, as
@@ -308,6 +314,10 @@ def sequence_parallel(
             meta = dataclasses.replace(meta, T_local=-1)
         _check_consistency(group, meta, call.q.device)
 
+    if _kernels_take_boundary(call):
+        return _delta_rule_on_kernels(call, group, method, num_blocks, timer,
+                                      ablate_incoming_state)
+
     local = pairs.local_pass(spec, call)
     A, B = local.pair()
     ready = None
@@ -327,6 +337,63 @@ def sequence_parallel(
     # o_t += qe_t @ S_start, per head: [T, K] @ [K, V]
     corr = torch.einsum("bthk,bhkv->bthv", qe.to(sd), S_start)
     o = (o0.to(sd) + corr).to(o0.dtype)
+    return o, (S_final if call.output_final_state else None)
+
+
+def _kernels_take_boundary(call: OpCall) -> bool:
+    """The delta rule on the Triton kernels: the exchange runs inside the op (see below)."""
+    from lsp.ops import api
+
+    return (call.family == Family.DELTA_RULE
+            and api.resolve_backend(call.family.value, call.backend, call.q) == "triton")
+
+
+class _KernelBoundary:
+    """The state exchange as the kernels' ``boundary`` (``lsp.kernels.delta_rule``).
+
+    The delta rule's pair needs the full ``[K, K]`` transition of the slice. The torch path
+    gets it by running the op at value width ``V + K`` (``pairs.delta_rule_local``); on the
+    Triton kernels the in-GPU segment split already computes every segment's pair, so the op
+    folds them into the slice's pair, calls :meth:`forward` between its pair pass and its
+    output pass, and :meth:`backward` between its local reverse pass and its per-chunk
+    gradients. The extra cost over the one-GPU op is the fold and the exchange itself (no
+    overlap with local work: the outputs need the incoming state).
+    """
+
+    def __init__(self, exchange, timer: ExchangeTimer | None, ablate: bool):
+        self.exchange, self.timer, self.ablate = exchange, timer, ablate
+        self.first = exchange.g.rank == 0
+
+    def forward(self, A: Tensor, B: Tensor, S_init: Tensor | None):
+        S_start, S_final = _timed(self.timer, lambda: self.exchange.forward(A, B, S_init),
+                                  B.device)
+        if self.ablate:
+            S_start = torch.zeros_like(S_start)
+        return S_start, S_final
+
+    def backward(self, G: Tensor, dS_final: Tensor | None) -> Tensor:
+        ex = self.exchange
+        if dS_final is None and ex.need_final:
+            dS_final = torch.zeros_like(G)
+        return _timed(self.timer, lambda: ex.backward(G, dS_final), G.device)
+
+
+def _delta_rule_on_kernels(call: OpCall, group, method: str, num_blocks: int | None,
+                           timer: ExchangeTimer | None, ablate: bool):
+    """One op call on this rank's slice with the exchange inside (:class:`_KernelBoundary`)."""
+    from lsp import kernels
+
+    sd = call.state_dtype
+    B_, _, H, K = call.q.shape
+    V = call.v.shape[-1]
+    exchange = make_exchange(method, Transition.FULL.value, group, call.output_final_state,
+                             num_blocks, state_bytes=B_ * H * K * V * torch.finfo(sd).bits // 8,
+                             V=V)
+    boundary = _KernelBoundary(exchange, timer, ablate)
+    o, S_final = kernels.delta_rule(call.q, call.k, call.v, call.beta, call.g, scale=call.scale,
+                                    initial_state=call.initial_state,
+                                    output_final_state=call.output_final_state,
+                                    boundary=boundary)
     return o, (S_final if call.output_final_state else None)
 
 

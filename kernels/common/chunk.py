@@ -258,6 +258,38 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
     return X
 
 
+def _scan_prefix(cfg, M, Y, reverse: bool):
+    """The segment pairs folded into prefix pairs, for a state that arrives from elsewhere.
+
+    Forward: ``Pre[p] = M_{p-1} ... M_0`` and ``Z[p]`` the zero-start state at segment ``p``'s
+    start, so that the true start is ``Pre[p] S + Z[p]`` for any slice start ``S``; the slice's
+    own pair ``(M_{P-1} ... M_0, its zero-start end state)`` comes with them. Reverse (``M_p^T``,
+    from the last segment): ``Pre[p] = (M_{P-1} ... M_{p+1})^T`` and ``Z[p]`` the gradient at
+    segment ``p``'s end from the later segments' outputs, so that the true end gradient is
+    ``Pre[p] D + Z[p]`` for the gradient ``D`` at the slice's end; the pair is then
+    ``((M_{P-1} ... M_0)^T, the gradient at the slice's start from its own outputs)``.
+
+    One augmented ``[K, K + V]`` product per segment (the ``K`` columns carry the transition,
+    the ``V`` the state), float32, delta rule only. Returns ``(Pre, Z, A, B)``.
+    """
+    B, H, P, K, V = cfg.B, cfg.H, cfg.P, cfg.K, cfg.V
+    X = torch.empty(B, H, P, K, K + V, dtype=torch.float32, device=Y.device)
+    x = torch.zeros(B * H, K, K + V, dtype=torch.float32, device=Y.device)
+    x[:, :, :K] = torch.eye(K, dtype=torch.float32, device=Y.device)
+    for p in (range(P - 1, -1, -1) if reverse else range(P)):
+        X[:, :, p] = x.view(B, H, K, K + V)
+        m = M[:, :, p].reshape(B * H, K, K)
+        x = torch.bmm(m.transpose(-1, -2) if reverse else m, x)
+        x[:, :, K:] += Y[:, :, p].reshape(B * H, K, V)
+    x = x.view(B, H, K, K + V)
+    return X[..., :K], X[..., K:], x[..., :K], x[..., K:]
+
+
+def _from_prefix(Pre, Z, S):
+    """``Pre[p] S + Z[p]`` for every segment ``p`` (one batched product)."""
+    return torch.matmul(Pre, S.unsqueeze(2)) + Z
+
+
 # The per-channel-gated delta rule computes its two pairwise products (``Aqk``, ``Akk``) and
 # their gradients in one pass each (shared loads and exponentials, as fla's KDA kernels do);
 # ``False`` runs them separately (the A/B in ``launch/ab_pairwise.py``).
@@ -290,7 +322,7 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, chunk_size,
-                num_segments, cu_seqlens):
+                num_segments, cu_seqlens, boundary):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         beta = beta.contiguous() if beta is not None else None
         g = g.contiguous() if g is not None else None
@@ -306,7 +338,18 @@ class ChunkFunction(torch.autograd.Function):
             u = v
 
         a_pair = seg_dec = None
-        if cfg.split:  # packed documents, some cut into segments: their pairs, then the scan
+        final = None
+        if boundary is not None:  # a rank of a sequence-parallel group (see chunk_forward)
+            b_pair = torch.empty(B, H, P, K, V, **f32)
+            a_pair = torch.empty(B, H, P, K, K, **f32)
+            _state_fwd(cfg, 0, q, k, u, w, G, Aqk, None, None, None, None, b_pair, a_pair,
+                       None, scale)
+            pre, zs, a_rank, b_rank = _scan_prefix(cfg, a_pair, b_pair, reverse=False)
+            del b_pair
+            s_start, final = boundary.forward(a_rank, b_rank, init)
+            s0 = _from_prefix(pre, zs, s_start)
+            del pre, zs
+        elif cfg.split:  # packed documents, some cut into segments: their pairs, then the scan
             R = cfg.segs.split.shape[0]
             b_pair = torch.empty(R, H, K, V, **f32)
             a_pair = torch.empty(R, H, K, K, **f32) if cfg.delta else None
@@ -326,14 +369,16 @@ class ChunkFunction(torch.autograd.Function):
         else:
             s0 = init
         o = torch.empty_like(v)
-        final = (torch.empty(cfg.varlen.N if varlen is not None else B, H, K, V, **f32)
-                 if output_final_state else None)
-        _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final, None, None, scale,
-                   store_end=output_final_state)
+        store_end = output_final_state and boundary is None  # a rank's comes from the exchange
+        if store_end:
+            final = torch.empty(cfg.varlen.N if varlen is not None else B, H, K, V, **f32)
+        _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final if store_end else None,
+                   None, None, scale, store_end=store_end)
 
         ctx.save_for_backward(q, k, v, beta, g, s0, a_pair, seg_dec, Ai)
         ctx.cfg = cfg
         ctx.scale = scale
+        ctx.boundary = boundary
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
         if final is None:
@@ -366,7 +411,15 @@ class ChunkFunction(torch.autograd.Function):
         launch(local_dr_kernel, (NT, B * H), q, k, G if G is not None else q,
                Aqk if Aqk is not None else q, do, dr, *cfg.chunk_pointers(q), scale, T,
                GATE=cfg.gate, IP=cfg.IP, num_warps=4, **cfg.consts())
-        if cfg.split:
+        boundary = ctx.boundary
+        if boundary is not None:  # this slice's gradient pair, the reverse exchange, true ends
+            d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale)
+            pre, zs, _, g_rank = _scan_prefix(cfg, a_pair, d_loc, reverse=True)
+            del d_loc
+            d_end = boundary.backward(g_rank.contiguous(), dfinal)
+            ds0 = _from_prefix(pre, zs, d_end)
+            del pre, zs
+        elif cfg.split:
             d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale,
                                table=cfg.segs.split)
             ds0 = _scan_segments(cfg, a_pair, d_loc[:, :, 0], dfinal, seg_dec, reverse=True)
@@ -382,6 +435,8 @@ class ChunkFunction(torch.autograd.Function):
         if ctx.has_init:  # a document's first segment (every batch row's first segment)
             first = ds_start[cfg.segs.first] if cfg.segs is not None else ds_start
             dinit = first[:, :, 0].to(ctx.init_dtype)
+            if boundary is not None and not boundary.first:  # the state before the whole
+                dinit = torch.zeros_like(dinit)  # sequence enters on the group's first rank
         else:
             dinit = None
 
@@ -457,15 +512,34 @@ class ChunkFunction(torch.autograd.Function):
         if vec:
             dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype, varlen=vl)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, dg, dinit, None, None, None, None,
-                None)
+                None, None)
 
 
 def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
-                  num_segments, cu_seqlens=None):
+                  num_segments, cu_seqlens=None, boundary=None):
     """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``; with ``cu_seqlens``
-    the states are per document, ``[N, H, K, V]``."""
+    the states are per document, ``[N, H, K, V]``.
+
+    ``boundary``: the call is one rank's contiguous slice of a longer sequence (delta rule,
+    dense). The slice's start state then comes from the other ranks, through the same segment
+    machinery that runs the in-GPU split: the segments' pairs (``MODE=0``) fold into the slice's
+    pair ``(A, B)``, ``boundary.forward(A, B, initial_state)`` returns ``(S_start, S_final)``
+    (the exclusive scan over the ranks; ``initial_state`` is the state before the whole
+    sequence, ``S_final`` the state after it or None), and the outputs run from the true segment
+    starts. The backward does the same in reverse: ``boundary.backward(G, dS_final)`` takes the
+    gradient ``G`` at the slice start from its own outputs and returns the gradient at its end
+    from everything after it; ``boundary.first`` says whether this slice holds the sequence
+    start (the others return a zero gradient for ``initial_state``). So a rank pays one pass
+    of ``K`` extra columns over its segments (the in-GPU split pays it anyway whenever it cuts
+    the slice) instead of the whole op at value width ``V + K``. ``lsp.parallel`` supplies the
+    object; the kernels import nothing of it.
+    """
+    if boundary is not None and (beta is None or cu_seqlens is not None):
+        raise ValueError("chunk_forward: a sequence-parallel boundary is for the dense delta "
+                         "rule only (linear attention and packed documents use lsp.parallel's "
+                         "pairs)")
     out = ChunkFunction.apply(q, k, v, beta, g, initial_state, scale, output_final_state,
-                              chunk_size, num_segments, cu_seqlens)
+                              chunk_size, num_segments, cu_seqlens, boundary)
     if output_final_state:
         return out
     return out, None

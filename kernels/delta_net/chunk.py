@@ -9,8 +9,8 @@ from __future__ import annotations
 
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
-                     num_segments, cu_seqlens=None):
+                     num_segments, cu_seqlens=None, boundary=None):
     from ..common.chunk import chunk_forward  # common/ imports this family's kernels
 
     return chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
-                         num_segments, cu_seqlens)
+                         num_segments, cu_seqlens, boundary)

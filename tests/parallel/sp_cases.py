@@ -33,7 +33,7 @@ def config_id(c) -> str:
 
 
 def shard_errors(rank: int, P: int, c: dict, group=None, T_local: int | None = None,
-                 num_blocks: int | None = None, seed: int = 0) -> dict:
+                 num_blocks: int | None = None, seed: int = 0, backend: str = "torch") -> dict:
     """Relative errors of this rank's SP results against the one-process float64 reference."""
     family, dtype = c["family"], DTYPES[c["dtype"]]
     # shard lengths that are not multiples of the 64-token chunk: 67 spans two chunks
@@ -62,7 +62,7 @@ def shard_errors(rank: int, P: int, c: dict, group=None, T_local: int | None = N
         init = init.detach().to(dtype).requires_grad_()
     o, S = sequence_parallel(op, *op_args(shard), group=group, method=c["method"],
                              num_blocks=num_blocks, initial_state=init,
-                             output_final_state=True, backend="torch", seq_len=P * Tl)
+                             output_final_state=True, backend=backend, seq_len=P * Tl)
     assert o.dtype == dtype and o.shape == (B, Tl, H, V)
     assert S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     loss = (o * do[:, sl].to(dtype)).sum() + w[rank].item() * (S * dS.to(S.dtype)).sum()
@@ -86,6 +86,35 @@ def run_configs(rank: int, P: int, cfgs: list[dict]) -> dict:
     # the interleaved-subgroup test runs the default)
     return {config_id(c): shard_errors(rank, P, c, num_blocks=3 if c["method"] == "allscan" else None)
             for c in cfgs}
+
+
+def run_on_kernels(rank: int, P: int, cfgs: list[dict], segments: list[int]) -> dict:
+    """The delta rule with ``backend="triton"`` on the Triton interpreter: the exchange runs
+    inside the kernels' op (``sequence._KernelBoundary``), with the rank's slice cut into each of
+    ``segments`` in-GPU segments. CPU tensors reach the kernels because the backend choice is
+    patched on this rank (on GPUs ``backend="triton"`` takes this path); the ``V + K`` pass of
+    ``pairs.delta_rule_local`` is made to fail, so a result proves the in-op path ran."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated in this process
+    import lsp.kernels.common.chunk  # noqa: F401
+    from lsp.ops import api
+    from lsp.parallel import pairs
+
+    api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
+
+    def no_wide_pass(spec, call):
+        raise AssertionError("the delta rule on the kernels ran the V + K pass")
+    pairs.delta_rule_local = no_wide_pass
+    out = {}
+    for c in cfgs:
+        for n in segments:
+            os.environ["LSP_KERNELS_SEGMENTS"] = str(n)
+            # 150 tokens: three 64-token chunks per rank, the last one ragged
+            out[f"{config_id(c)}-seg{n}"] = shard_errors(
+                rank, P, c, T_local=150, backend="triton",
+                num_blocks=2 if c["method"] == "allscan" else None)
+    return out
 
 
 def run_interleaved_subgroups(rank: int, P: int, cfgs: list[dict]) -> dict:

@@ -77,6 +77,19 @@ def test_allscan_block_counts():
         assert_close(errs, 1e-9, cid)
 
 
+def test_delta_rule_exchange_inside_the_kernels():
+    """``backend="triton"`` (interpreter): the delta rule's exchange inside the op, one segment
+    per slice and three, every gate and method, against the one-process float64 op."""
+    cfgs = [dict(family="delta_rule", gate=g, method=m, with_state=s, dtype="f32")
+            for g, m, s in (("none", "allgather", True), ("head", "allscan", True),
+                            ("key", "ring", False))]
+    res = _merge(run_ranks(sp_cases.run_on_kernels, 2, cfgs, [1, 3], start="spawn"))
+    assert len(res) == len(cfgs) * 2
+    for cid, errs in res.items():
+        assert_close(errs, TOL["f32"], cid)
+        assert {"dbeta", "dinit"} <= set(errs) or "key" in cid, cid
+
+
 def test_mismatches_raise_on_every_rank():
     per_rank = run_ranks(sp_cases.run_errors, 2)
     for rank, out in enumerate(per_rank):

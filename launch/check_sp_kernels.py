@@ -88,7 +88,7 @@ def _args(a):
 
 
 def check(gate: str, dtype: torch.dtype, T: int, P: int, H: int, K: int = 128, V: int = 128,
-          gate_scale: float = 0.05, seed: int = 0) -> dict:
+          gate_scale: float = 0.002, seed: int = 0) -> dict:
     dev = bk.DEVICE
     a = bk.bench_inputs("delta_rule", gate, P * T, H=H, K=K, V=V, seed=seed)
     if "g" in a:  # weak decay, so that states cross chunks, segments and slices measurably
@@ -187,7 +187,7 @@ def main(argv=None):
     p.add_argument("--check-K", type=int, default=128, help="key and value head dim")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--gates", default="none,head,key")
-    p.add_argument("--gate-scale", type=float, default=0.05,
+    p.add_argument("--gate-scale", type=float, default=0.002,
                    help="log-gates of the check are logsigmoid(randn) times this")
     p.add_argument("--shapes", default="65536:16,524288:8", help="T:H rows of the timing")
     p.add_argument("--iters", type=int, default=7)

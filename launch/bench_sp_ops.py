@@ -5,7 +5,8 @@ Run with ``torchrun --nproc-per-node P -m lsp.launch.bench_sp_ops --out DIR``. E
 float32 beta and g, as the models keep them) and times forward + backward of:
 
 - ``one GPU``: the op on its own ``T_local`` tokens (every rank at once, each on its GPU);
-- ``CP=P <method>``: ``sequence_parallel`` over the ``P x T_local`` sequence;
+- ``CP=P <method>``: ``sequence_parallel`` over the ``P x T_local`` sequence (on the Triton
+  backend the delta rule runs its exchange inside the op: ``parallel/sequence.py``);
 - the parts of the CP step: the shard's transition and effective queries alone
   (``lsp.ops.delta_net.fixup.delta_rule_transition``, with a few chunk / block settings), and the op at value
   width ``V + K`` from the state ``[0 | I]`` (how a shard's pair was computed before the chunk

@@ -375,6 +375,8 @@ class _KernelBoundary:
         ex = self.exchange
         if dS_final is None and ex.need_final:
             dS_final = torch.zeros_like(G)
+        if self.ablate:  # the outputs did not see the incoming state: nothing flows back to it
+            G = torch.zeros_like(G)
         return _timed(self.timer, lambda: ex.backward(G, dS_final), G.device)
 
 

@@ -7,7 +7,8 @@ its shard at the boundaries inside it:
 - the *stretch*: the tokens of the document open at ``t0`` that continue from the previous
   rank (on rank 0 the first document, whose initial state enters the exchange as ``S_init``).
   Its pair and effective queries come from ``pairs.local_pass`` as for an unpacked shard, and it
-  chains through the exchange unchanged;
+  chains through the exchange unchanged (a delta-rule shard on the Triton kernels with no
+  boundary inside runs as the unpacked case instead, with the exchange inside the op);
 - the *rest*: the documents starting inside the shard, run as one local packed call with their
   own initial states.
 

@@ -465,6 +465,9 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     if kind == Transition.IDENTITY:  # a reset needs a transition that can be zero
         kind = Transition.SCALAR
     sd = call.state_dtype
+    if not plan.resets and _kernels_take_boundary(call):  # the whole shard continues one document
+        return _packed_span_on_kernels(call, plan, h0, want_final, N, group, method, num_blocks,
+                                       timer, ablate_incoming_state)
 
     def part(x, sl):
         return None if x is None else x[:, sl]
@@ -525,6 +528,35 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     if finals:
         table = table.index_copy(0, torch.tensor(idx, device=table.device), torch.cat(finals))
     return o, _DocumentStates.apply(table, S_start, group)
+
+
+def _packed_span_on_kernels(call: OpCall, plan, h0, want_final: bool, N: int, group,
+                            method: str, num_blocks: int | None, timer, ablate: bool):
+    """A packed shard with no document boundary inside (the delta rule on the kernels): the
+    shard is one stretch of the document open at its start, so it runs as the unpacked case,
+    with the exchange inside the op (:class:`_KernelBoundary`), instead of the op at width
+    ``V + K``. The other ranks' collectives are the same (``need_final=False``; one
+    ``_DocumentStates`` all-reduce when final states are asked for, before the exchange's
+    backward as on every rank)."""
+    from lsp import kernels
+
+    sd = call.state_dtype
+    B_, _, H, K = call.q.shape
+    V = call.v.shape[-1]
+    exchange = make_exchange(method, Transition.FULL.value, group, False, num_blocks,
+                             state_bytes=B_ * H * K * V * torch.finfo(sd).bits // 8, V=V)
+    own_end = want_final and bool(plan.ends)  # the open document ends at this shard's end
+    S_init = None if h0 is None else h0[:1].to(sd)
+    o, S_end = kernels.delta_rule(call.q, call.k, call.v, call.beta, call.g, scale=call.scale,
+                                  initial_state=S_init, output_final_state=own_end,
+                                  boundary=_KernelBoundary(exchange, timer, ablate))
+    if not want_final:
+        return o, None
+    table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)
+    if own_end:
+        table = table.index_copy(0, torch.tensor([plan.first_doc], device=table.device),
+                                 S_end.to(sd))
+    return o, _DocumentStates.apply(table, o, group)
 
 
 class _DocumentStates(torch.autograd.Function):

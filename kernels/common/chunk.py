@@ -339,6 +339,7 @@ class ChunkFunction(torch.autograd.Function):
 
         a_pair = seg_dec = None
         final = None
+        own_final = False
         if boundary is not None:  # a rank of a sequence-parallel group (see chunk_forward)
             b_pair = torch.empty(B, H, P, K, V, **f32)
             a_pair = torch.empty(B, H, P, K, K, **f32)
@@ -347,6 +348,7 @@ class ChunkFunction(torch.autograd.Function):
             pre, zs, a_rank, b_rank = _scan_prefix(cfg, a_pair, b_pair, reverse=False)
             del b_pair
             s_start, final = boundary.forward(a_rank, b_rank, init)
+            own_final = output_final_state and final is None  # this slice's own end state
             s0 = _from_prefix(pre, zs, s_start)
             del pre, zs
         elif cfg.split:  # packed documents, some cut into segments: their pairs, then the scan
@@ -369,7 +371,8 @@ class ChunkFunction(torch.autograd.Function):
         else:
             s0 = init
         o = torch.empty_like(v)
-        store_end = output_final_state and boundary is None  # a rank's comes from the exchange
+        # a rank's final state comes from the exchange, unless it hands none (own_final)
+        store_end = output_final_state and (boundary is None or own_final)
         if store_end:
             final = torch.empty(cfg.varlen.N if varlen is not None else B, H, K, V, **f32)
         _state_fwd(cfg, 1, q, k, u, w, G, Aqk, o, None, None, s0, final if store_end else None,
@@ -379,6 +382,7 @@ class ChunkFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.scale = scale
         ctx.boundary = boundary
+        ctx.own_final = own_final
         ctx.has_init = initial_state is not None
         ctx.init_dtype = initial_state.dtype if initial_state is not None else None
         if final is None:
@@ -414,9 +418,14 @@ class ChunkFunction(torch.autograd.Function):
         boundary = ctx.boundary
         if boundary is not None:  # this slice's gradient pair, the reverse exchange, true ends
             d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale)
-            pre, zs, _, g_rank = _scan_prefix(cfg, a_pair, d_loc, reverse=True)
+            pre, zs, a_t, g_rank = _scan_prefix(cfg, a_pair, d_loc, reverse=True)
             del d_loc
-            d_end = boundary.backward(g_rank.contiguous(), dfinal)
+            if ctx.own_final and dfinal is not None:  # this slice's own end state was returned:
+                # its gradient reaches the slice start through A^T, and adds to the end's
+                g_rank = g_rank + torch.matmul(a_t, dfinal)
+                d_end = boundary.backward(g_rank.contiguous(), None) + dfinal
+            else:
+                d_end = boundary.backward(g_rank.contiguous(), dfinal)
             ds0 = _from_prefix(pre, zs, d_end)
             del pre, zs
         elif cfg.split:
@@ -526,7 +535,8 @@ def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, ch
     pair ``(A, B)``, ``boundary.forward(A, B, initial_state)`` returns ``(S_start, S_final)``
     (the exclusive scan over the ranks; ``initial_state`` is the state before the whole
     sequence, ``S_final`` the state after it or None), and the outputs run from the true segment
-    starts. The backward does the same in reverse: ``boundary.backward(G, dS_final)`` takes the
+    starts. With ``output_final_state``, the returned state is ``S_final``, or this slice's own
+    end state when the boundary hands none (packed documents: a document ending on this rank). The backward does the same in reverse: ``boundary.backward(G, dS_final)`` takes the
     gradient ``G`` at the slice start from its own outputs and returns the gradient at its end
     from everything after it; ``boundary.first`` says whether this slice holds the sequence
     start (the others return a zero gradient for ``initial_state``). So a rank pays one pass

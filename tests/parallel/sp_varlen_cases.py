@@ -162,11 +162,23 @@ def run_packed_on_kernels(rank: int, P: int, Tl: int) -> dict:
     import lsp.kernels.common.chunk  # noqa: F401
     from lsp.ops import api
 
+    from lsp.parallel import pairs
+
     api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
+    wide = pairs.delta_rule_local
+    calls = []
+
+    def counted(spec, call):  # the delta rule's V + K pass, counted
+        calls.append(call.q.shape[1])
+        return wide(spec, call)
+    pairs.delta_rule_local = counted
     out = {}
-    for family, gate, name in (("delta_rule", "head", "long"),
+    # "whole": one document over every rank, so no shard has a boundary inside and the delta
+    # rule runs its exchange inside the op (no V + K pass); "long": stretches beside resets
+    for family, gate, name in (("delta_rule", "head", "long"), ("delta_rule", "key", "whole"),
                                ("linear_attention", "key", "inside")):
         c = dict(family=family, gate=gate, method="allscan", dtype="f32")
-        out[f"{config_id(c)}-{name}"] = packed_errors(rank, P, c, layouts(P, Tl)[name], Tl,
-                                                      True, backend="triton")
+        del calls[:]
+        errs = packed_errors(rank, P, c, layouts(P, Tl)[name], Tl, True, backend="triton")
+        out[f"{config_id(c)}-{name}"] = dict(errs, wide_passes=float(len(calls)))
     return out

@@ -37,19 +37,6 @@ def _check(i: int, n: int, out: str) -> None:
         json.dump(recs, f)
 
 
-def _timeit(run, n: int = 9) -> float:
-    run()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record()
-        run()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return sorted(ts)[n // 2]
-
 
 def _profile(run) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -82,7 +69,7 @@ def main() -> None:
         return
     from lsp import kernels
     from lsp.kernels.common import chunk, pairwise
-    from lsp.launch.bench_kernels import bench_inputs, fwd_bwd, ours_fn
+    from lsp.launch.bench_kernels import bench_inputs, fwd_bwd, ours_fn, timed
 
     t0 = time.time()
     parts = [f"{a.out}.check{i}.json" for i in range(a.workers)]
@@ -117,7 +104,7 @@ def main() -> None:
     for rnd in range(2):
         for name in VARIANTS:
             run = use(name)
-            row = dict(variant=name, round=rnd, ms=round(_timeit(run), 3))
+            row = dict(variant=name, round=rnd, ms=round(timed(run, 9)[0], 3))
             if rnd == 0:
                 row["pairwise_ms"] = _profile(run)
             rows.append(row)

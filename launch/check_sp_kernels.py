@@ -127,19 +127,6 @@ def check(gate: str, dtype: torch.dtype, T: int, P: int, H: int, K: int = 128, V
     return errs
 
 
-def _timeit(run, n: int) -> float:
-    run()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-        s.record()
-        run()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return sorted(ts)[n // 2]
-
 
 def timing(T: int, H: int, n: int, gate: str = "head") -> dict:
     a = bk.bench_inputs("delta_rule", gate, T, H=H)
@@ -170,7 +157,7 @@ def timing(T: int, H: int, n: int, gate: str = "head") -> dict:
     row = {"T": T, "H": H, "gate": gate}
     for name, fn in (("op_ms", plain), ("boundary_ms", boundary), ("v_plus_k_ms", wide)):
         torch.cuda.reset_peak_memory_stats()
-        row[name] = round(_timeit(fn, n), 3)
+        row[name] = round(bk.timed(fn, n)[0], 3)
         row[name.replace("_ms", "_peak_gib")] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["boundary_over_op"] = round(row["boundary_ms"] / row["op_ms"], 3)
     row["v_plus_k_over_op"] = round(row["v_plus_k_ms"] / row["op_ms"], 3)

@@ -111,7 +111,7 @@ def _check_packed(op, q, v, cu_seqlens, initial_state):
 
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
                      output_final_state=False, chunk_size=DEFAULT_CHUNK_SIZE, num_segments=None,
-                     cu_seqlens=None):
+                     cu_seqlens=None, boundary=None):
     """Chunkwise linear attention on the Triton kernels (contract of ``lsp.ops.linear_attention``).
 
     ``chunk_size`` (16, 32 or 64) and ``num_segments`` (in-GPU sequence segments; None: by rule,
@@ -121,7 +121,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
     ``[N, H, K, V]``), exact with no padding of documents to the chunk size; there
     ``num_segments`` is the number of segments the longest document is cut into (None: by rule,
     ``common/utils.choose_doc_segments``). Returns ``(o, S)``: ``o`` in ``v.dtype``,
-    ``S`` ``[B,H,K,V]`` (``[N,H,K,V]``) float32 or None.
+    ``S`` ``[B,H,K,V]`` (``[N,H,K,V]``) float32 or None. ``boundary``: as for
+    :func:`delta_rule`.
     """
     _check("linear_attention", q, v, chunk_size)
     cu_seqlens = _check_packed("linear_attention", q, v, cu_seqlens, initial_state)
@@ -129,7 +130,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None,
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return chunk_linear_attention(q, k, v, _clamp_full_forget(g), scale, initial_state,
-                                  output_final_state, chunk_size, num_segments, cu_seqlens)
+                                  output_final_state, chunk_size, num_segments, cu_seqlens,
+                                  boundary)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None,

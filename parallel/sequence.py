@@ -315,8 +315,7 @@ def sequence_parallel(
         _check_consistency(group, meta, call.q.device)
 
     if _kernels_take_boundary(call):
-        return _delta_rule_on_kernels(call, group, method, num_blocks, timer,
-                                      ablate_incoming_state)
+        return _op_on_kernels(call, group, method, num_blocks, timer, ablate_incoming_state)
 
     local = pairs.local_pass(spec, call)
     A, B = local.pair()
@@ -340,31 +339,42 @@ def sequence_parallel(
     return o, (S_final if call.output_final_state else None)
 
 
+# Both families on the Triton kernels run the exchange inside the op (:class:`_KernelBoundary`);
+# False: the pairs of ``parallel/pairs.py`` for every backend (the A/B of
+# ``launch/check_sp_kernels.py``).
+EXCHANGE_IN_KERNELS = True
+
+
 def _kernels_take_boundary(call: OpCall) -> bool:
-    """The delta rule on the Triton kernels: the exchange runs inside the op (see below)."""
+    """The op runs on the Triton kernels, which take the exchange inside (see below)."""
     from lsp.ops import api
 
-    return (call.family == Family.DELTA_RULE
+    return (EXCHANGE_IN_KERNELS
             and api.resolve_backend(call.family.value, call.backend, call.q) == "triton")
 
 
 class _KernelBoundary:
-    """The state exchange as the kernels' ``boundary`` (``lsp.kernels.delta_rule``).
+    """The state exchange as the kernels' ``boundary`` (``lsp.kernels.delta_rule`` and
+    ``linear_attention``).
 
     The delta rule's pair needs the full ``[K, K]`` transition of the slice. The torch path
-    gets it by running the op at value width ``V + K`` (``pairs.delta_rule_local``); on the
-    Triton kernels the in-GPU segment split already computes every segment's pair, so the op
-    folds them into the slice's pair, calls :meth:`forward` between its pair pass and its
-    output pass, and :meth:`backward` between its local reverse pass and its per-chunk
-    gradients. The extra cost over the one-GPU op is the fold and the exchange itself (no
-    overlap with local work: the outputs need the incoming state).
+    gets it by running the op at value width ``V + K`` (``pairs.delta_rule_local``), and
+    corrects linear attention's zero-start outputs with effective queries
+    (``pairs.linear_attention_local``). On the Triton kernels the in-GPU segment split already
+    computes every segment's pair, so the op folds them into the slice's pair, calls
+    :meth:`forward` between its pair pass and its output pass, and :meth:`backward` between its
+    local reverse pass and its per-chunk gradients. The extra cost over the one-GPU op is the
+    fold and the exchange itself (no overlap with local work: the outputs need the incoming
+    state).
     """
 
     def __init__(self, exchange, timer: ExchangeTimer | None, ablate: bool):
         self.exchange, self.timer, self.ablate = exchange, timer, ablate
         self.first = exchange.g.rank == 0
 
-    def forward(self, A: Tensor, B: Tensor, S_init: Tensor | None):
+    def forward(self, A: Tensor | None, B: Tensor, S_init: Tensor | None):
+        if A is None and self.exchange.kind == Transition.SCALAR:  # packed: resets elsewhere
+            A = B.new_ones(B.shape[:2])
         S_start, S_final = _timed(self.timer, lambda: self.exchange.forward(A, B, S_init),
                                   B.device)
         if self.ablate:
@@ -380,22 +390,32 @@ class _KernelBoundary:
         return _timed(self.timer, lambda: ex.backward(G, dS_final), G.device)
 
 
-def _delta_rule_on_kernels(call: OpCall, group, method: str, num_blocks: int | None,
-                           timer: ExchangeTimer | None, ablate: bool):
-    """One op call on this rank's slice with the exchange inside (:class:`_KernelBoundary`)."""
+def _kernel_call(call: OpCall, boundary: _KernelBoundary, initial_state, output_final_state):
+    """This rank's op on the Triton kernels with the exchange inside."""
     from lsp import kernels
 
-    sd = call.state_dtype
+    extra = (call.beta,) if call.family == Family.DELTA_RULE else ()
+    return getattr(kernels, call.family.value)(
+        call.q, call.k, call.v, *extra, call.g, scale=call.scale, initial_state=initial_state,
+        output_final_state=output_final_state, boundary=boundary)
+
+
+def _kernel_exchange(call: OpCall, kind: Transition, group, method: str, need_final: bool,
+                     num_blocks: int | None):
     B_, _, H, K = call.q.shape
     V = call.v.shape[-1]
-    exchange = make_exchange(method, Transition.FULL.value, group, call.output_final_state,
-                             num_blocks, state_bytes=B_ * H * K * V * torch.finfo(sd).bits // 8,
-                             V=V)
-    boundary = _KernelBoundary(exchange, timer, ablate)
-    o, S_final = kernels.delta_rule(call.q, call.k, call.v, call.beta, call.g, scale=call.scale,
-                                    initial_state=call.initial_state,
-                                    output_final_state=call.output_final_state,
-                                    boundary=boundary)
+    return make_exchange(method, kind, group, need_final, num_blocks,
+                         state_bytes=B_ * H * K * V * torch.finfo(call.state_dtype).bits // 8,
+                         V=V)
+
+
+def _op_on_kernels(call: OpCall, group, method: str, num_blocks: int | None,
+                   timer: ExchangeTimer | None, ablate: bool):
+    """One op call on this rank's slice with the exchange inside (:class:`_KernelBoundary`)."""
+    exchange = _kernel_exchange(call, call.transition, group, method, call.output_final_state,
+                                num_blocks)
+    o, S_final = _kernel_call(call, _KernelBoundary(exchange, timer, ablate),
+                              call.initial_state, call.output_final_state)
     return o, (S_final if call.output_final_state else None)
 
 
@@ -466,8 +486,8 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
         kind = Transition.SCALAR
     sd = call.state_dtype
     if not plan.resets and _kernels_take_boundary(call):  # the whole shard continues one document
-        return _packed_span_on_kernels(call, plan, h0, want_final, N, group, method, num_blocks,
-                                       timer, ablate_incoming_state)
+        return _packed_span_on_kernels(call, plan, kind, h0, want_final, N, group, method,
+                                       num_blocks, timer, ablate_incoming_state)
 
     def part(x, sl):
         return None if x is None else x[:, sl]
@@ -530,26 +550,20 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     return o, _DocumentStates.apply(table, S_start, group)
 
 
-def _packed_span_on_kernels(call: OpCall, plan, h0, want_final: bool, N: int, group,
-                            method: str, num_blocks: int | None, timer, ablate: bool):
-    """A packed shard with no document boundary inside (the delta rule on the kernels): the
-    shard is one stretch of the document open at its start, so it runs as the unpacked case,
-    with the exchange inside the op (:class:`_KernelBoundary`), instead of the op at width
-    ``V + K``. The other ranks' collectives are the same (``need_final=False``; one
-    ``_DocumentStates`` all-reduce when final states are asked for, before the exchange's
-    backward as on every rank)."""
-    from lsp import kernels
-
+def _packed_span_on_kernels(call: OpCall, plan, kind: Transition, h0, want_final: bool, N: int,
+                            group, method: str, num_blocks: int | None, timer, ablate: bool):
+    """A packed shard with no document boundary inside, on the kernels: the shard is one
+    stretch of the document open at its start, so it runs as the unpacked case, with the
+    exchange inside the op (:class:`_KernelBoundary`), instead of the pairs of
+    ``parallel/pairs.py`` (for the delta rule the op at width ``V + K``). The other ranks'
+    collectives are the same (``need_final=False``; one ``_DocumentStates`` all-reduce when
+    final states are asked for, before the exchange's backward as on every rank)."""
     sd = call.state_dtype
-    B_, _, H, K = call.q.shape
-    V = call.v.shape[-1]
-    exchange = make_exchange(method, Transition.FULL.value, group, False, num_blocks,
-                             state_bytes=B_ * H * K * V * torch.finfo(sd).bits // 8, V=V)
+    H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[-1]
+    exchange = _kernel_exchange(call, kind, group, method, False, num_blocks)
     own_end = want_final and bool(plan.ends)  # the open document ends at this shard's end
     S_init = None if h0 is None else h0[:1].to(sd)
-    o, S_end = kernels.delta_rule(call.q, call.k, call.v, call.beta, call.g, scale=call.scale,
-                                  initial_state=S_init, output_final_state=own_end,
-                                  boundary=_KernelBoundary(exchange, timer, ablate))
+    o, S_end = _kernel_call(call, _KernelBoundary(exchange, timer, ablate), S_init, own_end)
     if not want_final:
         return o, None
     table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)

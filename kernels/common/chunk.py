@@ -258,7 +258,7 @@ def _scan(cfg, M, Y, X0, dec, reverse: bool):
     return X
 
 
-def _scan_prefix(cfg, M, Y, reverse: bool):
+def _scan_prefix(cfg, M, Y, dec, reverse: bool):
     """The segment pairs folded into prefix pairs, for a state that arrives from elsewhere.
 
     Forward: ``Pre[p] = M_{p-1} ... M_0`` and ``Z[p]`` the zero-start state at segment ``p``'s
@@ -269,24 +269,49 @@ def _scan_prefix(cfg, M, Y, reverse: bool):
     ``Pre[p] D + Z[p]`` for the gradient ``D`` at the slice's end; the pair is then
     ``((M_{P-1} ... M_0)^T, the gradient at the slice's start from its own outputs)``.
 
-    One augmented ``[K, K + V]`` product per segment (the ``K`` columns carry the transition,
-    the ``V`` the state), float32, delta rule only. Returns ``(Pre, Z, A, B)``.
+    ``M`` as in :func:`_scan`: the delta rule's ``[K, K]`` (one augmented ``[K, K + V]`` product
+    per segment: the ``K`` columns carry the transition, the ``V`` the state), a decay
+    ``exp(dec)`` per key channel (``Pre`` and the transition ``[B, H, P, K]`` / ``[B, H, K]``),
+    or the identity (``Pre`` and the transition None). float32. Returns ``(Pre, Z, A, B)``.
     """
     B, H, P, K, V = cfg.B, cfg.H, cfg.P, cfg.K, cfg.V
-    X = torch.empty(B, H, P, K, K + V, dtype=torch.float32, device=Y.device)
-    x = torch.zeros(B * H, K, K + V, dtype=torch.float32, device=Y.device)
-    x[:, :, :K] = torch.eye(K, dtype=torch.float32, device=Y.device)
-    for p in (range(P - 1, -1, -1) if reverse else range(P)):
-        X[:, :, p] = x.view(B, H, K, K + V)
-        m = M[:, :, p].reshape(B * H, K, K)
-        x = torch.bmm(m.transpose(-1, -2) if reverse else m, x)
-        x[:, :, K:] += Y[:, :, p].reshape(B * H, K, V)
-    x = x.view(B, H, K, K + V)
-    return X[..., :K], X[..., K:], x[..., :K], x[..., K:]
+    order = range(P - 1, -1, -1) if reverse else range(P)
+    if cfg.scan_kind == 2:
+        X = torch.empty(B, H, P, K, K + V, dtype=torch.float32, device=Y.device)
+        x = torch.zeros(B * H, K, K + V, dtype=torch.float32, device=Y.device)
+        x[:, :, :K] = torch.eye(K, dtype=torch.float32, device=Y.device)
+        for p in order:
+            X[:, :, p] = x.view(B, H, K, K + V)
+            m = M[:, :, p].reshape(B * H, K, K)
+            x = torch.bmm(m.transpose(-1, -2) if reverse else m, x)
+            x[:, :, K:] += Y[:, :, p].reshape(B * H, K, V)
+        x = x.view(B, H, K, K + V)
+        return X[..., :K], X[..., K:], x[..., :K], x[..., K:]
+    Z = torch.empty(B, H, P, K, V, dtype=torch.float32, device=Y.device)
+    z = torch.zeros(B, H, K, V, dtype=torch.float32, device=Y.device)
+    for p in order:
+        Z[:, :, p] = z
+        z = (torch.addcmul(Y[:, :, p], dec[:, :, p].exp().unsqueeze(-1), z)
+             if cfg.scan_kind == 1 else z + Y[:, :, p])
+    if cfg.scan_kind == 0:
+        return None, Z, None, z
+    # the log-decay between the slice's edge and each segment (exclusive sums, no subtraction)
+    zero = torch.zeros_like(dec[:, :, :1])
+    if reverse:
+        cum = dec.flip(2).cumsum(2).flip(2)
+        pre = torch.cat([cum[:, :, 1:], zero], 2)
+    else:
+        cum = dec.cumsum(2)
+        pre = torch.cat([zero, cum[:, :, :-1]], 2)
+    return pre.exp(), Z, cum[:, :, 0 if reverse else P - 1].exp(), z
 
 
 def _from_prefix(Pre, Z, S):
-    """``Pre[p] S + Z[p]`` for every segment ``p`` (one batched product)."""
+    """``Pre[p] S + Z[p]`` for every segment ``p`` (one batched product, or a scaling)."""
+    if Pre is None:
+        return Z + S.unsqueeze(2)
+    if Pre.dim() == 4:  # a decay per key channel
+        return torch.addcmul(Z, Pre.unsqueeze(-1), S.unsqueeze(2))
     return torch.matmul(Pre, S.unsqueeze(2)) + Z
 
 
@@ -342,11 +367,14 @@ class ChunkFunction(torch.autograd.Function):
         own_final = False
         if boundary is not None:  # a rank of a sequence-parallel group (see chunk_forward)
             b_pair = torch.empty(B, H, P, K, V, **f32)
-            a_pair = torch.empty(B, H, P, K, K, **f32)
+            a_pair = torch.empty(B, H, P, K, K, **f32) if cfg.delta else None
+            seg_dec = torch.empty(B, H, P, K, **f32) if (cfg.gate and not cfg.delta) else None
             _state_fwd(cfg, 0, q, k, u, w, G, Aqk, None, None, None, None, b_pair, a_pair,
-                       None, scale)
-            pre, zs, a_rank, b_rank = _scan_prefix(cfg, a_pair, b_pair, reverse=False)
+                       seg_dec, scale)
+            pre, zs, a_rank, b_rank = _scan_prefix(cfg, a_pair, b_pair, seg_dec, reverse=False)
             del b_pair
+            if cfg.gate == Gate.HEAD and not cfg.delta:  # one decay per head: A is [B, H]
+                a_rank = a_rank[..., 0].contiguous()
             s_start, final = boundary.forward(a_rank, b_rank, init)
             own_final = output_final_state and final is None  # this slice's own end state
             s0 = _from_prefix(pre, zs, s_start)
@@ -418,11 +446,13 @@ class ChunkFunction(torch.autograd.Function):
         boundary = ctx.boundary
         if boundary is not None:  # this slice's gradient pair, the reverse exchange, true ends
             d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale)
-            pre, zs, a_t, g_rank = _scan_prefix(cfg, a_pair, d_loc, reverse=True)
+            pre, zs, a_t, g_rank = _scan_prefix(cfg, a_pair, d_loc, seg_dec, reverse=True)
             del d_loc
             if ctx.own_final and dfinal is not None:  # this slice's own end state was returned:
                 # its gradient reaches the slice start through A^T, and adds to the end's
-                g_rank = g_rank + torch.matmul(a_t, dfinal)
+                g_rank = g_rank + (dfinal if a_t is None else
+                                   torch.matmul(a_t, dfinal) if a_t.dim() == 4 else
+                                   a_t.unsqueeze(-1) * dfinal)
                 d_end = boundary.backward(g_rank.contiguous(), None) + dfinal
             else:
                 d_end = boundary.backward(g_rank.contiguous(), dfinal)
@@ -529,25 +559,27 @@ def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, ch
     """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``; with ``cu_seqlens``
     the states are per document, ``[N, H, K, V]``.
 
-    ``boundary``: the call is one rank's contiguous slice of a longer sequence (delta rule,
-    dense). The slice's start state then comes from the other ranks, through the same segment
+    ``boundary``: the call is one rank's contiguous slice of a longer sequence (dense). The slice's start state then comes from the other ranks, through the same segment
     machinery that runs the in-GPU split: the segments' pairs (``MODE=0``) fold into the slice's
     pair ``(A, B)``, ``boundary.forward(A, B, initial_state)`` returns ``(S_start, S_final)``
     (the exclusive scan over the ranks; ``initial_state`` is the state before the whole
     sequence, ``S_final`` the state after it or None), and the outputs run from the true segment
     starts. With ``output_final_state``, the returned state is ``S_final``, or this slice's own
-    end state when the boundary hands none (packed documents: a document ending on this rank). The backward does the same in reverse: ``boundary.backward(G, dS_final)`` takes the
+    end state when the boundary hands none (packed documents: a document ending on this rank).
+    The backward does the same in reverse: ``boundary.backward(G, dS_final)`` takes the
     gradient ``G`` at the slice start from its own outputs and returns the gradient at its end
     from everything after it; ``boundary.first`` says whether this slice holds the sequence
-    start (the others return a zero gradient for ``initial_state``). So a rank pays one pass
+    start (the others return a zero gradient for ``initial_state``). ``A`` is the delta rule's
+    ``[B, H, K, K]``, a decay ``[B, H]`` (one per head) or ``[B, H, K]`` (per key channel), or
+    None (no decay), as ``lsp.parallel``'s transition kinds. So a delta-rule rank pays one pass
     of ``K`` extra columns over its segments (the in-GPU split pays it anyway whenever it cuts
-    the slice) instead of the whole op at value width ``V + K``. ``lsp.parallel`` supplies the
-    object; the kernels import nothing of it.
+    the slice) instead of the whole op at value width ``V + K``, and a linear-attention rank no
+    effective-query correction. ``lsp.parallel`` supplies the object; the kernels import
+    nothing of it.
     """
-    if boundary is not None and (beta is None or cu_seqlens is not None):
-        raise ValueError("chunk_forward: a sequence-parallel boundary is for the dense delta "
-                         "rule only (linear attention and packed documents use lsp.parallel's "
-                         "pairs)")
+    if boundary is not None and cu_seqlens is not None:
+        raise ValueError("chunk_forward: a sequence-parallel boundary takes a dense slice; "
+                         "packed documents run one per shard stretch (lsp.parallel)")
     out = ChunkFunction.apply(q, k, v, beta, g, initial_state, scale, output_final_state,
                               chunk_size, num_segments, cu_seqlens, boundary)
     if output_final_state:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 
 def chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
-                           num_segments, cu_seqlens=None):
+                           num_segments, cu_seqlens=None, boundary=None):
     from ..common.chunk import chunk_forward  # common/ imports this family's kernels
 
     return chunk_forward(q, k, v, None, g, scale, initial_state, output_final_state, chunk_size,
-                         num_segments, cu_seqlens)
+                         num_segments, cu_seqlens, boundary)

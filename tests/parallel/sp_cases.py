@@ -89,11 +89,11 @@ def run_configs(rank: int, P: int, cfgs: list[dict]) -> dict:
 
 
 def run_on_kernels(rank: int, P: int, cfgs: list[dict], segments: list[int]) -> dict:
-    """The delta rule with ``backend="triton"`` on the Triton interpreter: the exchange runs
-    inside the kernels' op (``sequence._KernelBoundary``), with the rank's slice cut into each of
-    ``segments`` in-GPU segments. CPU tensors reach the kernels because the backend choice is
-    patched on this rank (on GPUs ``backend="triton"`` takes this path); the ``V + K`` pass of
-    ``pairs.delta_rule_local`` is made to fail, so a result proves the in-op path ran."""
+    """``backend="triton"`` on the Triton interpreter: the exchange runs inside the kernels' op
+    (``sequence._KernelBoundary``), with the rank's slice cut into each of ``segments`` in-GPU
+    segments. CPU tensors reach the kernels because the backend choice is patched on this rank
+    (on GPUs ``backend="triton"`` takes this path); the pairs of ``parallel/pairs.py`` are made
+    to fail, so a result proves the in-op path ran."""
     import os
 
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated in this process
@@ -103,9 +103,9 @@ def run_on_kernels(rank: int, P: int, cfgs: list[dict], segments: list[int]) -> 
 
     api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
 
-    def no_wide_pass(spec, call):
-        raise AssertionError("the delta rule on the kernels ran the V + K pass")
-    pairs.delta_rule_local = no_wide_pass
+    def no_pairs(spec, call):
+        raise AssertionError("the op on the kernels took the pairs of parallel/pairs.py")
+    pairs.delta_rule_local = pairs.linear_attention_local = no_pairs
     out = {}
     for c in cfgs:
         for n in segments:

@@ -166,17 +166,19 @@ def run_packed_on_kernels(rank: int, P: int, Tl: int) -> dict:
 
     api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
     wide = pairs.delta_rule_local
+    closed = pairs.linear_attention_local
     calls = []
 
-    def counted(spec, call):  # the delta rule's V + K pass, counted
+    def counted(spec, call):  # the pairs of parallel/pairs.py, counted
         calls.append(call.q.shape[1])
-        return wide(spec, call)
-    pairs.delta_rule_local = counted
+        return (wide if call.beta is not None else closed)(spec, call)
+    pairs.delta_rule_local = pairs.linear_attention_local = counted
     out = {}
-    # "whole": one document over every rank, so no shard has a boundary inside and the delta
-    # rule runs its exchange inside the op (no V + K pass); "long": stretches beside resets
+    # "whole": one document over every rank, so no shard has a boundary inside and the op runs
+    # its exchange inside (no pairs of parallel/pairs.py); "long": stretches beside resets
     for family, gate, name in (("delta_rule", "head", "long"), ("delta_rule", "key", "whole"),
-                               ("linear_attention", "key", "inside")):
+                               ("linear_attention", "key", "inside"),
+                               ("linear_attention", "none", "whole")):
         c = dict(family=family, gate=gate, method="allscan", dtype="f32")
         del calls[:]
         errs = packed_errors(rank, P, c, layouts(P, Tl)[name], Tl, True, backend="triton")

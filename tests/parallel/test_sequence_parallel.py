@@ -77,17 +77,22 @@ def test_allscan_block_counts():
         assert_close(errs, 1e-9, cid)
 
 
-def test_delta_rule_exchange_inside_the_kernels():
-    """``backend="triton"`` (interpreter): the delta rule's exchange inside the op, one segment
-    per slice and three, every gate and method, against the one-process float64 op."""
-    cfgs = [dict(family="delta_rule", gate=g, method=m, with_state=s, dtype="f32")
-            for g, m, s in (("none", "allgather", True), ("head", "allscan", True),
-                            ("key", "ring", False))]
+def test_exchange_inside_the_kernels():
+    """``backend="triton"`` (interpreter): the exchange inside the op, one segment per slice and
+    three, both families, every gate and method, against the one-process float64 op."""
+    cfgs = [dict(family=f, gate=g, method=m, with_state=s, dtype="f32")
+            for f, g, m, s in (("delta_rule", "none", "allgather", True),
+                               ("delta_rule", "head", "allscan", True),
+                               ("delta_rule", "key", "ring", False),
+                               ("linear_attention", "none", "ring", True),
+                               ("linear_attention", "head", "allgather", False),
+                               ("linear_attention", "key", "allscan", True))]
     res = _merge(run_ranks(sp_cases.run_on_kernels, 2, cfgs, [1, 3], start="spawn"))
     assert len(res) == len(cfgs) * 2
     for cid, errs in res.items():
         assert_close(errs, TOL["f32"], cid)
-        assert {"dbeta", "dinit"} <= set(errs) or "key" in cid, cid
+        assert ("dinit" in errs) == ("-init-" in cid), cid
+        assert ("dbeta" in errs) == cid.startswith("delta_rule"), cid
 
 
 def test_mismatches_raise_on_every_rank():

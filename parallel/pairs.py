@@ -25,10 +25,10 @@ come from the chunkwise (WY) pass itself: the op is linear in ``(v, S_start)`` j
 columns evolve independently, so one call with values ``[v | 0_K]`` and initial state
 ``[0 | I_K]`` returns ``[o0 | qe]`` as its output and ``[B | A]`` as its final state. This needs
 nothing from the op but its public contract, so it works for every backend at the cost of
-``V + K`` instead of ``V`` value columns. ``sequence_parallel`` uses it for the torch path and
-for packed documents; the delta rule on the Triton kernels instead runs the exchange inside the
-op (``sequence._KernelBoundary``), where the in-GPU segment split already computes the
-segments' pairs, so a rank costs about one op at width ``V``.
+``V + K`` instead of ``V`` value columns. ``sequence_parallel`` uses these pairs on the torch
+path and for packed stretches beside a document boundary; on the Triton kernels both families
+instead run the exchange inside the op (``sequence._KernelBoundary``), where the in-GPU segment
+split already computes the segments' pairs, so a rank costs about one op.
 
 Pairs are kept in float32 (float64 for float64 inputs), whatever the input dtype.
 """

@@ -21,11 +21,11 @@ Overlap plan (order of work on a rank):
    overlaps only with what the caller enqueues before consuming the result.)
 4. The main stream waits for the side stream, then ``o = o0 + qe @ S_start``.
 
-The delta rule on the Triton kernels takes another route: the op itself calls the exchange
+On the Triton kernels both families take another route: the op itself calls the exchange
 between its segment-pair pass and its output pass (forward), and between its local reverse pass
 and its per-chunk gradients (backward); see :class:`_KernelBoundary`. There is nothing to
-overlap (the outputs need the incoming state), but the rank runs the op once at width ``V``
-instead of ``V + K``.
+overlap (the outputs need the incoming state), but the delta rule runs once at width ``V``
+instead of ``V + K``, and linear attention needs no effective-query correction.
 
 Backward: autograd reaches the exchange once ``G_r = qe^T dO`` is known; the reverse scan runs
 on the current stream (it is one state per rank, and the local backward needs its result).

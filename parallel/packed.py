@@ -6,9 +6,10 @@ its shard at the boundaries inside it:
 
 - the *stretch*: the tokens of the document open at ``t0`` that continue from the previous
   rank (on rank 0 the first document, whose initial state enters the exchange as ``S_init``).
-  Its pair and effective queries come from ``pairs.local_pass`` as for an unpacked shard, and it
-  chains through the exchange unchanged (a delta-rule shard on the Triton kernels with no
-  boundary inside runs as the unpacked case instead, with the exchange inside the op);
+  When it is the whole shard, it chains through the exchange as an unpacked shard does (its
+  pair and effective queries from ``pairs.local_pass``, or, on the Triton kernels, the exchange
+  inside the op); beside a boundary it runs after the exchange, as an op call from the state
+  that arrives;
 - the *rest*: the documents starting inside the shard, run as one local packed call with their
   own initial states.
 

@@ -496,53 +496,54 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
         return call.replace(q=part(call.q, sl), k=part(call.k, sl), v=part(call.v, sl),
                             beta=part(call.beta, sl), g=part(call.g, sl), **changes)
 
-    A = B = o_stretch = qe = S_rest = None
-    if plan.stretch:
-        local = pairs.local_pass(spec, shard_call(slice(0, plan.stretch), initial_state=None))
-        A, B = local.pair()
-        if A is None:
-            A = torch.ones(B.shape[:2], dtype=B.dtype, device=B.device)
-        o_stretch, qe = local.outputs()
-    A_stretch, B_stretch = A, B
-    o_parts = [] if o_stretch is None else [o_stretch]
+    S_init = None if h0 is None else h0[:1].to(sd)
+
+    def scan(A, B):
+        """The exchange of this rank's pair; returns the state at the shard start."""
+        exchange = make_exchange(method, kind, group, False, num_blocks,
+                                 state_bytes=B.numel() * B.element_size(), V=V)
+        ready = None
+        if B.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        S_start, _ = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
+        return torch.zeros_like(S_start) if ablate_incoming_state else S_start
+
     if plan.resets:
+        # nothing of the incoming state survives the shard: its pair is (0, the last document's
+        # end state), known before the stretch runs; the stretch then runs from the state the
+        # exchange delivers, as an op call with that initial state (no pairs of pairs.py)
         docs = torch.tensor(plan.rest_docs, device=call.q.device)
         o_rest, S_rest = spec.run(shard_call(
             slice(plan.stretch, T), initial_state=None if h0 is None else h0[docs],
             output_final_state=True,
             cu_seqlens=torch.tensor(plan.rest_offsets, device=call.q.device)))
-        o_parts.append(o_rest)
         B = S_rest[-1:].to(sd)
-        A = _zero_transition(kind, B)
-    o0 = torch.cat(o_parts, dim=1)
-
-    S_init = None if h0 is None else h0[:1].to(sd)
-    exchange = make_exchange(method, kind, group, False, num_blocks,
-                             state_bytes=B.numel() * B.element_size(), V=V)
-    ready = None
-    if B.is_cuda:
-        ready = torch.cuda.Event()
-        ready.record()
-    S_start, _ = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
-    if ablate_incoming_state:
-        S_start = torch.zeros_like(S_start)
-
-    # every rank's outputs depend on S_start (zero effective queries after the first reset),
-    # so that every rank's backward takes part in the reverse scan
-    qe_all = torch.zeros(call.q.shape, dtype=sd, device=call.q.device)
-    if plan.stretch:
-        qe_all = torch.cat([qe.to(sd), qe_all[:, plan.stretch:]], dim=1)
-    corr = torch.einsum("bthk,bhkv->bthv", qe_all, S_start)
-    o = (o0.to(sd) + corr).to(o0.dtype)
+        S_start = scan(_zero_transition(kind, B), B)
+        if plan.stretch:
+            o_stretch, S_stretch = spec.run(shard_call(slice(0, plan.stretch),
+                                                       initial_state=S_start,
+                                                       output_final_state=True))
+            o = torch.cat([o_stretch, o_rest], dim=1)
+        else:  # every rank's outputs depend on S_start, so that its backward joins the scan
+            o = o_rest + (S_start.sum() * 0).to(o_rest.dtype)
+            S_stretch = None
+    else:  # the whole shard continues one document: its pair and effective queries
+        local = pairs.local_pass(spec, shard_call(slice(0, T), initial_state=None))
+        A, B = local.pair()
+        if A is None:
+            A = torch.ones(B.shape[:2], dtype=B.dtype, device=B.device)
+        o0, qe = local.outputs()
+        S_start = scan(A, B)
+        # o_t += qe_t @ S_start, per head
+        o = (o0.to(sd) + torch.einsum("bthk,bhkv->bthv", qe.to(sd), S_start)).to(o0.dtype)
+        S_stretch = pairs.apply(kind, A, S_start) + B if want_final else None
     if not want_final:
         return o, None
     # each document's final state on the rank where it ends, summed over the group
     finals, idx = [], []
     for d, src in plan.ends:
-        if src < 0:
-            finals.append(pairs.apply(kind, A_stretch, S_start) + B_stretch)
-        else:
-            finals.append(S_rest[src:src + 1].to(sd))
+        finals.append(S_stretch.to(sd) if src < 0 else S_rest[src:src + 1].to(sd))
         idx.append(d)
     table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)
     if finals:

@@ -10,7 +10,7 @@ any failure.
 
 ``--packed`` checks packed documents instead: the global ``cu_seqlens`` of documents with
 boundaries inside the shards, a document longer than a shard across a rank edge and one-token
-documents, against the packed op on the whole sequence in float64 (per-document final states,
+documents (``mixed``), and of one document over whole shards (``spanning``), against the packed op on the whole sequence in float64 (per-document final states,
 and the per-document initial states' gradient summed over the ranks, where it arrives on the
 rank each document starts on).
 """
@@ -68,9 +68,19 @@ def check(rank, P, family, gate, method, dtype, backend, B, Tl, H, K, V, device)
     return errs
 
 
-def packed_offsets(P: int, Tl: int) -> list[int]:
-    """Offsets over ``P * Tl`` tokens: a one-token document first, boundaries inside every
-    shard, a document longer than a shard across each rank edge, a few one-token ones."""
+LAYOUTS = ("mixed", "spanning")
+
+
+def packed_offsets(P: int, Tl: int, layout: str = "mixed") -> list[int]:
+    """Offsets over ``P * Tl`` tokens.
+
+    ``mixed``: a one-token document first, boundaries inside every shard, a document longer
+    than a shard across each rank edge, a few one-token ones. ``spanning``: boundaries in the
+    first shard only, then one document over every other shard to the end (shards with no
+    boundary inside, which run as unpacked shards; on the kernels with the exchange inside the
+    op, the last one returning the document's final state)."""
+    if layout == "spanning":
+        return [0, 1, Tl // 2, P * Tl]
     cuts = {0, 1, P * Tl}
     for r in range(P):  # early in the first shard, then half-way into the others
         t = r * Tl + (Tl // 8 if r == 0 else Tl // 2)
@@ -78,8 +88,9 @@ def packed_offsets(P: int, Tl: int) -> list[int]:
     return sorted(cuts)
 
 
-def check_packed(rank, P, family, gate, method, dtype, backend, Tl, H, K, V, device):
-    offsets = packed_offsets(P, Tl)
+def check_packed(rank, P, family, gate, method, dtype, backend, Tl, H, K, V, device,
+                 layout="mixed"):
+    offsets = packed_offsets(P, Tl, layout)
     T, N = P * Tl, len(offsets) - 1
     full = {n: t.detach().to(device).requires_grad_()
             for n, t in make_inputs(family, gate, 1, T, H, K, V, seed=9,
@@ -127,7 +138,12 @@ def main(argv=None):
                    help="comma-separated family:gate pairs to check (default: all)")
     p.add_argument("--packed", action="store_true",
                    help="packed documents (global cu_seqlens, B = 1) instead of one sequence")
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"document layouts checked with --packed, of {LAYOUTS}")
     args = p.parse_args(argv)
+    bad = set(args.layouts.split(",")) - set(LAYOUTS)
+    if bad:
+        p.error(f"--layouts: unknown {sorted(bad)}; choose from {LAYOUTS}")
     rank, P, local = init_from_environment("auto")
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     B, Tl, H, K, V = (int(x) for x in args.shape.split("x"))
@@ -138,10 +154,11 @@ def main(argv=None):
                 for gate in GATES:
                     if args.cases and f"{family}:{gate}" not in args.cases.split(","):
                         continue
-                    for method in METHODS:
+                    for method, layout in [(m, lay) for m in METHODS for lay in
+                                           (args.layouts.split(",") if args.packed else [None])]:
                         if args.packed:
                             errs = check_packed(rank, P, family, gate, method, dtype, backend,
-                                                Tl, H, K, V, device)
+                                                Tl, H, K, V, device, layout)
                         else:
                             errs = check(rank, P, family, gate, method, dtype, backend, B, Tl,
                                          H, K, V, device)
@@ -152,11 +169,12 @@ def main(argv=None):
                         passed = all(v <= TOL[dtype] for v in worst.values())
                         ok &= passed
                         rows.append({"backend": backend, "dtype": str(dtype).split(".")[-1],
-                                     "packed": args.packed,
+                                     "packed": args.packed, "layout": layout,
                                      "family": family, "gate": gate, "method": method, "P": P,
                                      "max_rel_err": worst, "passed": passed})
                         if rank == 0:
                             print(f"{backend:6} {rows[-1]['dtype']:8} {family:16} {gate:6} {method:9} "
+                                  f"{layout or '':8} "
                                   f"worst {max(worst.values()):.2e} {'ok' if passed else 'FAIL ' + str(worst)}",
                                   flush=True)
     if rank == 0:
@@ -164,7 +182,8 @@ def main(argv=None):
         doc = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "world": P, "backend": dist.get_backend(), "torch": torch.__version__,
                "shape": args.shape, "rows": rows, "all_passed": ok,
-               "offsets": packed_offsets(P, Tl) if args.packed else None}
+               "offsets": ({lay: packed_offsets(P, Tl, lay) for lay in args.layouts.split(",")}
+                           if args.packed else None)}
         with open(os.path.join(args.out, "check_sp.json"), "w") as f:
             json.dump(doc, f, indent=1)
         print("ALL PASSED" if ok else "SOME CHECKS FAILED")

@@ -151,7 +151,7 @@ def run_packed_and_checks(rank: int, P: int, plan, Tl: int) -> dict:
             "leak": run_leak_check(rank, P)}
 
 
-def run_packed_on_kernels(rank: int, P: int, Tl: int) -> dict:
+def run_packed_on_kernels(rank: int, P: int, Tl: int, only: str | None = None) -> dict:
     """The packed matrix's ``inside`` and ``long`` layouts with ``backend="triton"`` on the
     Triton interpreter (CPU tensors reach the kernels because the backend choice is patched on
     this rank; on GPUs ``backend="triton"`` takes this path): the shard's stretch runs the dense
@@ -180,6 +180,8 @@ def run_packed_on_kernels(rank: int, P: int, Tl: int) -> dict:
                                ("linear_attention", "key", "inside"),
                                ("linear_attention", "none", "whole")):
         c = dict(family=family, gate=gate, method="allscan", dtype="f32")
+        if only is not None and name != only:
+            continue
         del calls[:]
         errs = packed_errors(rank, P, c, layouts(P, Tl)[name], Tl, True, backend="triton")
         out[f"{config_id(c)}-{name}"] = dict(errs, wide_passes=float(len(calls)))

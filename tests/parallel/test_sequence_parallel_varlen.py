@@ -84,6 +84,18 @@ def test_packed_differs_from_unpacked():
         assert r["leak"]["packed_vs_whole"] > 1e-3
 
 
+def test_packed_whole_document_on_the_kernels_three_ranks():
+    """One document over three ranks on the kernels: every shard runs with the exchange inside
+    the op, the middle one with no final state of its own, the last returning the document's."""
+    res = run_ranks(cases.run_packed_on_kernels, 3, 6, "whole", start="spawn")
+    for r in res:
+        assert len(r) == 2
+        for cid, errs in r.items():
+            assert errs.pop("wide_passes") == 0, cid
+            bad = {n: e for n, e in errs.items() if not e <= TOL["f32"]}
+            assert {"o", "S", "dq", "dk", "dv", "dinit"} <= set(errs) and not bad, (cid, bad)
+
+
 def test_packed_sequence_parallel_on_the_kernels():
     """``backend="triton"``: the local packed call and the stretch run the Triton kernels (under
     the interpreter) and match the one-process float64 packed op."""

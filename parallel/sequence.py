@@ -327,8 +327,8 @@ def sequence_parallel(
 
     sd = call.state_dtype
     S_init = None if call.initial_state is None else call.initial_state.to(sd)
-    exchange = make_exchange(method, call.transition, group, call.output_final_state, num_blocks,
-                             state_bytes=B.numel() * B.element_size(), V=V)
+    exchange = _exchange_for(call, call.transition, group, method, call.output_final_state,
+                             num_blocks)
     S_start, S_final = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
     if ablate_incoming_state:
         S_start = torch.zeros_like(S_start)
@@ -400,8 +400,9 @@ def _kernel_call(call: OpCall, boundary: _KernelBoundary, initial_state, output_
         output_final_state=output_final_state, boundary=boundary)
 
 
-def _kernel_exchange(call: OpCall, kind: Transition, group, method: str, need_final: bool,
-                     num_blocks: int | None):
+def _exchange_for(call: OpCall, kind: Transition, group, method: str, need_final: bool,
+                  num_blocks: int | None):
+    """The exchange object of this call's states (``[B, H, K, V]`` in its state dtype)."""
     B_, _, H, K = call.q.shape
     V = call.v.shape[-1]
     return make_exchange(method, kind, group, need_final, num_blocks,
@@ -412,11 +413,10 @@ def _kernel_exchange(call: OpCall, kind: Transition, group, method: str, need_fi
 def _op_on_kernels(call: OpCall, group, method: str, num_blocks: int | None,
                    timer: ExchangeTimer | None, ablate: bool):
     """One op call on this rank's slice with the exchange inside (:class:`_KernelBoundary`)."""
-    exchange = _kernel_exchange(call, call.transition, group, method, call.output_final_state,
-                                num_blocks)
-    o, S_final = _kernel_call(call, _KernelBoundary(exchange, timer, ablate),
-                              call.initial_state, call.output_final_state)
-    return o, (S_final if call.output_final_state else None)
+    exchange = _exchange_for(call, call.transition, group, method, call.output_final_state,
+                             num_blocks)
+    return _kernel_call(call, _KernelBoundary(exchange, timer, ablate), call.initial_state,
+                        call.output_final_state)
 
 
 def _require_dist() -> None:
@@ -485,9 +485,6 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     if kind == Transition.IDENTITY:  # a reset needs a transition that can be zero
         kind = Transition.SCALAR
     sd = call.state_dtype
-    if not plan.resets and _kernels_take_boundary(call):  # the whole shard continues one document
-        return _packed_span_on_kernels(call, plan, kind, h0, want_final, N, group, method,
-                                       num_blocks, timer, ablate_incoming_state)
 
     def part(x, sl):
         return None if x is None else x[:, sl]
@@ -500,8 +497,7 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
 
     def scan(A, B):
         """The exchange of this rank's pair; returns the state at the shard start."""
-        exchange = make_exchange(method, kind, group, False, num_blocks,
-                                 state_bytes=B.numel() * B.element_size(), V=V)
+        exchange = _exchange_for(call, kind, group, method, False, num_blocks)
         ready = None
         if B.is_cuda:
             ready = torch.cuda.Event()
@@ -509,7 +505,14 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
         S_start, _ = _StateScan.apply(A, B.contiguous(), S_init, exchange, ready, timer)
         return torch.zeros_like(S_start) if ablate_incoming_state else S_start
 
-    if plan.resets:
+    if not plan.resets and _kernels_take_boundary(call):
+        # the whole shard continues one document: the unpacked case, with the exchange inside
+        # the op; the op returns the document's final state where it ends at the shard's end
+        own_end = want_final and bool(plan.ends)
+        o, S_stretch = _kernel_call(
+            call, _KernelBoundary(_exchange_for(call, kind, group, method, False, num_blocks),
+                                  timer, ablate_incoming_state), S_init, own_end)
+    elif plan.resets:
         # nothing of the incoming state survives the shard: its pair is (0, the last document's
         # end state), known before the stretch runs; the stretch then runs from the state the
         # exchange delivers, as an op call with that initial state (no pairs of pairs.py)
@@ -548,41 +551,19 @@ def _sequence_parallel_packed(op, args, kwargs, group, method, num_blocks, seq_l
     table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)
     if finals:
         table = table.index_copy(0, torch.tensor(idx, device=table.device), torch.cat(finals))
-    return o, _DocumentStates.apply(table, S_start, group)
-
-
-def _packed_span_on_kernels(call: OpCall, plan, kind: Transition, h0, want_final: bool, N: int,
-                            group, method: str, num_blocks: int | None, timer, ablate: bool):
-    """A packed shard with no document boundary inside, on the kernels: the shard is one
-    stretch of the document open at its start, so it runs as the unpacked case, with the
-    exchange inside the op (:class:`_KernelBoundary`), instead of the pairs of
-    ``parallel/pairs.py`` (for the delta rule the op at width ``V + K``). The other ranks'
-    collectives are the same (``need_final=False``; one ``_DocumentStates`` all-reduce when
-    final states are asked for, before the exchange's backward as on every rank)."""
-    sd = call.state_dtype
-    H, K, V = call.q.shape[2], call.q.shape[3], call.v.shape[-1]
-    exchange = _kernel_exchange(call, kind, group, method, False, num_blocks)
-    own_end = want_final and bool(plan.ends)  # the open document ends at this shard's end
-    S_init = None if h0 is None else h0[:1].to(sd)
-    o, S_end = _kernel_call(call, _KernelBoundary(exchange, timer, ablate), S_init, own_end)
-    if not want_final:
-        return o, None
-    table = torch.zeros((N, H, K, V), dtype=sd, device=call.q.device)
-    if own_end:
-        table = table.index_copy(0, torch.tensor([plan.first_doc], device=table.device),
-                                 S_end.to(sd))
     return o, _DocumentStates.apply(table, o, group)
 
 
 class _DocumentStates(torch.autograd.Function):
     """Sum of the ranks' final-state tables; adjoint: the sum of the ranks' cotangents.
 
-    ``S_start`` is an input (gradient zero) so that on every rank the backward of this
-    all-reduce runs before the reverse scan, in the same order everywhere.
+    The shard's outputs ``o`` are an input (gradient zero): they depend on the incoming state
+    on every rank, so the backward of this all-reduce runs before the reverse scan (``o``'s own
+    backward leads to it), in the same order everywhere.
     """
 
     @staticmethod
-    def forward(ctx, table, S_start, group):
+    def forward(ctx, table, o, group):
         ctx.group = group
         out = table.clone()
         dist.all_reduce(out, group=group)

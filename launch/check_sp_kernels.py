@@ -32,19 +32,11 @@ import time
 import torch
 import torch.distributed as dist
 
+import lsp
 from lsp import kernels
 from lsp.launch import bench_kernels as bk
 from lsp.parallel import pairs, sequence, sequence_parallel
-from lsp.testing import rel_err
-
-FAMILY_OPS = {"delta_rule": lambda: lsp_ops().delta_rule,
-              "linear_attention": lambda: lsp_ops().linear_attention}
-
-
-def lsp_ops():
-    import lsp.ops
-
-    return lsp.ops
+from lsp.testing import op_args, rel_err
 
 
 def _kind(A) -> str:
@@ -86,11 +78,6 @@ class ChainBoundary:
         return _One()
 
 
-def _args(family, a):
-    return ((a["q"], a["k"], a["v"], a["beta"], a.get("g")) if family == "delta_rule"
-            else (a["q"], a["k"], a["v"], a.get("g")))
-
-
 def check(family: str, gate: str, dtype: torch.dtype, T: int, P: int, H: int, K: int = 128,
           V: int = 128, gate_scale: float = 0.002, seed: int = 0) -> dict:
     dev = bk.DEVICE
@@ -105,7 +92,7 @@ def check(family: str, gate: str, dtype: torch.dtype, T: int, P: int, H: int, K:
     h0 = torch.randn(B, H, K, V, device=dev, generator=gen).requires_grad_()
     do = torch.randn(B, P * T, H, V, device=dev, generator=gen).to(dtype)
     names = list(a)
-    o_ref, _ = op(*_args(family, a), initial_state=h0)
+    o_ref, _ = op(*op_args(a), initial_state=h0)
     ref = torch.autograd.grad(o_ref, [a[n] for n in names] + [h0], do)
     ref = dict(zip(names + ["initial_state"], ref))
 
@@ -115,7 +102,7 @@ def check(family: str, gate: str, dtype: torch.dtype, T: int, P: int, H: int, K:
         sl = slice(r * T, (r + 1) * T)
         s = {n: t.detach()[:, sl].requires_grad_() for n, t in a.items()}
         hr = h0.detach().clone().requires_grad_()
-        o, _ = op(*_args(family, s), initial_state=hr, boundary=chain.slice(r == 0))
+        o, _ = op(*op_args(s), initial_state=hr, boundary=chain.slice(r == 0))
         outs.append(o)
         shards.append((s, hr))
     grads = [None] * P
@@ -143,17 +130,17 @@ def variants(family: str, a: dict, do: torch.Tensor) -> dict:
     """fwd+bwd closures: the op alone, and ``sequence_parallel`` on one rank with the exchange
     inside the op and with the pairs of ``parallel/pairs.py``; each returns its outputs."""
     leaves = list(a.values())
-    op = FAMILY_OPS[family]()
+    op = getattr(lsp.ops, family)
 
     def plain():
-        o, _ = getattr(kernels, family)(*_args(family, a))
+        o, _ = getattr(kernels, family)(*op_args(a))
         return o, torch.autograd.grad(o, leaves, do)
 
     def sp(in_op: bool):
         def run():
             sequence.EXCHANGE_IN_KERNELS = in_op
             try:
-                o, _ = sequence_parallel(op, *_args(family, a), backend="triton", check=False)
+                o, _ = sequence_parallel(op, *op_args(a), backend="triton", check=False)
             finally:
                 sequence.EXCHANGE_IN_KERNELS = True
             return o, torch.autograd.grad(o, leaves, do)

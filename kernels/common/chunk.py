@@ -449,10 +449,10 @@ class ChunkFunction(torch.autograd.Function):
             pre, zs, a_t, g_rank = _scan_prefix(cfg, a_pair, d_loc, seg_dec, reverse=True)
             del d_loc
             if ctx.own_final and dfinal is not None:  # this slice's own end state was returned:
-                # its gradient reaches the slice start through A^T, and adds to the end's
-                g_rank = g_rank + (dfinal if a_t is None else
-                                   torch.matmul(a_t, dfinal) if a_t.dim() == 4 else
-                                   a_t.unsqueeze(-1) * dfinal)
+                # its gradient reaches the slice start through A^T (as one more segment would),
+                # and adds to the end's
+                a_t = None if a_t is None else a_t.unsqueeze(2)
+                g_rank = _from_prefix(a_t, g_rank.unsqueeze(2), dfinal)[:, :, 0]
                 d_end = boundary.backward(g_rank.contiguous(), None) + dfinal
             else:
                 d_end = boundary.backward(g_rank.contiguous(), dfinal)
@@ -559,8 +559,9 @@ def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, ch
     """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``; with ``cu_seqlens``
     the states are per document, ``[N, H, K, V]``.
 
-    ``boundary``: the call is one rank's contiguous slice of a longer sequence (dense). The slice's start state then comes from the other ranks, through the same segment
-    machinery that runs the in-GPU split: the segments' pairs (``MODE=0``) fold into the slice's
+    ``boundary``: the call is one rank's contiguous slice of a longer sequence (dense). The
+    slice's start state then comes from the other ranks, through the same segment machinery
+    that runs the in-GPU split: the segments' pairs (``MODE=0``) fold into the slice's
     pair ``(A, B)``, ``boundary.forward(A, B, initial_state)`` returns ``(S_start, S_final)``
     (the exclusive scan over the ranks; ``initial_state`` is the state before the whole
     sequence, ``S_final`` the state after it or None), and the outputs run from the true segment

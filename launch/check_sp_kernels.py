@@ -36,7 +36,7 @@ import lsp
 from lsp import kernels
 from lsp.launch import bench_kernels as bk
 from lsp.parallel import pairs, sequence, sequence_parallel
-from lsp.testing import op_args, rel_err
+from lsp.testing import kernels_on_cpu, op_args, rel_err
 
 
 def _kind(A) -> str:
@@ -201,9 +201,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if args.cpu_smoke:
-        import os
-
-        os.environ["TRITON_INTERPRET"] = "1"  # before lsp.kernels decorates its kernels
+        # the interpreter before lsp.kernels decorates its kernels; CPU tensors reach them
+        # behind backend="triton" (on a GPU that path runs unpatched)
+        kernels_on_cpu()
         bk.DEVICE = "cpu"
         skip.add("time")
         args.dtypes, args.check_T, args.check_H, args.check_K = "float32", 100, 2, 16
@@ -230,11 +230,6 @@ def main(argv=None):
                           flush=True)
         print(f"correctness: {sum(r['ok'] for r in res['check'])}/{len(res['check'])} passed")
     if args.cpu_smoke:  # the timing's closures, run once: in-op and pairs agree with the op
-        from lsp.ops import api
-
-        # CPU tensors reach the interpreted kernels (as the gloo tests do; on a GPU
-        # backend="triton" takes this path unpatched)
-        api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
         one_rank_group()
         for family in args.families.split(","):
             for gate in args.gates.split(","):

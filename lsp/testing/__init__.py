@@ -2,7 +2,8 @@
 
 - ``lsp.testing.ops``: random op inputs (``make_inputs``), an op's positional arguments
   (``op_args``, ``call``), the float64 per-token oracle (``naive_for``, ``upcast``,
-  ``outputs_and_grads``) and the relative error ``rel_err``;
+  ``outputs_and_grads``), the relative error ``rel_err`` and ``kernels_on_cpu`` (the
+  kernels under Triton's interpreter behind ``backend="triton"``);
 - ``lsp.testing.distributed``: ``run_ranks``, a function on P gloo ranks (CPU processes), and
   ``run_in_child``, a function in one forked process (for a test that trains in-process);
 - ``lsp.testing.equivalence``: the layout-equivalence harness (tiny models of every mixer kind
@@ -15,6 +16,7 @@ from lsp.testing.ops import (
     FAMILIES,
     GATES,
     call,
+    kernels_on_cpu,
     make_inputs,
     naive_for,
     op_args,
@@ -24,4 +26,4 @@ from lsp.testing.ops import (
 )
 
 __all__ = ["FAMILIES", "GATES", "rel_err", "make_inputs", "op_args", "call", "naive_for",
-           "upcast", "outputs_and_grads", "run_ranks", "run_in_child"]
+           "upcast", "outputs_and_grads", "kernels_on_cpu", "run_ranks", "run_in_child"]

@@ -122,3 +122,21 @@ def outputs_and_grads(fn, args: dict, seed: int = 1, **kw):
     names = list(args)
     grads = torch.autograd.grad(loss, [args[n] for n in names])
     return o, S, dict(zip(names, grads))
+
+
+def kernels_on_cpu() -> None:
+    """Let ``backend="triton"`` run lsp's kernels on CPU tensors in this process, under Triton's
+    interpreter (a forked test rank or a CPU smoke run; call it before anything imports the
+    kernel modules).
+
+    Sets ``TRITON_INTERPRET=1``, imports the kernels (Triton decides at decoration), and
+    patches ``lsp.ops.api.resolve_backend`` to take an explicit backend as given; on a GPU
+    ``backend="triton"`` takes the same path unpatched.
+    """
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    import lsp.kernels.common.chunk  # noqa: F401
+    from lsp.ops import api
+
+    api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"

@@ -96,12 +96,10 @@ def run_on_kernels(rank: int, P: int, cfgs: list[dict], segments: list[int]) -> 
     to fail, so a result proves the in-op path ran."""
     import os
 
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated in this process
-    import lsp.kernels.common.chunk  # noqa: F401
-    from lsp.ops import api
     from lsp.parallel import pairs
+    from lsp.testing import kernels_on_cpu
 
-    api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
+    kernels_on_cpu()
 
     def no_pairs(spec, call):
         raise AssertionError("the op on the kernels took the pairs of parallel/pairs.py")

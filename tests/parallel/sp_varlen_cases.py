@@ -152,19 +152,15 @@ def run_packed_and_checks(rank: int, P: int, plan, Tl: int) -> dict:
 
 
 def run_packed_on_kernels(rank: int, P: int, Tl: int, only: str | None = None) -> dict:
-    """The packed matrix's ``inside`` and ``long`` layouts with ``backend="triton"`` on the
-    Triton interpreter (CPU tensors reach the kernels because the backend choice is patched on
-    this rank; on GPUs ``backend="triton"`` takes this path): the shard's stretch runs the dense
-    kernels and the documents starting inside it one packed kernel call."""
-    import os
-
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated in this process
-    import lsp.kernels.common.chunk  # noqa: F401
-    from lsp.ops import api
-
+    """The packed matrix's ``long``, ``whole`` and ``inside`` layouts (``only``: one of them)
+    with ``backend="triton"`` on the Triton interpreter (``lsp.testing.kernels_on_cpu``): a
+    stretch beside a boundary runs the dense kernels from the arriving state, the documents
+    starting inside a shard one packed kernel call, a shard inside one document the exchange
+    inside the op. Each result counts the passes of ``parallel/pairs.py`` it took."""
     from lsp.parallel import pairs
+    from lsp.testing import kernels_on_cpu
 
-    api.resolve_backend = lambda op, backend, q: backend if backend != "auto" else "torch"
+    kernels_on_cpu()
     wide = pairs.delta_rule_local
     closed = pairs.linear_attention_local
     calls = []

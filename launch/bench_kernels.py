@@ -19,7 +19,9 @@
 3. Other shapes (``--shapes``): Gated DeltaNet at H = 8, T = 512K (one GPU's share of the
    1M-token run) and B = 8 x 64K (the same tokens), lsp next to fla.
 4. Optional: segment sweep (Gated DeltaNet fwd+bwd at T = 64K for several in-GPU segment
-   counts) and a per-kernel profile (``--skip sweep,profile`` leaves them out).
+   counts) and a per-kernel profile at T = 64K, lsp next to fla, of Gated DeltaNet or of the
+   ops named by ``--profile-ops`` (``all``: every family and gate) (``--skip sweep,profile``
+   leaves them out).
 
 The tolerances are not loosened anywhere: on the CPU, Triton's interpreter patched to round like
 the GPU (bf16 casts round-to-nearest-even, tf32 operand rounding) gives the K = 64 bf16 cases
@@ -343,6 +345,8 @@ def main():
     ap.add_argument("--skip", default="",
                     help="comma list of sections to skip: correct,time,shapes,sweep,profile,fla")
     ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
+    ap.add_argument("--profile-ops", default="delta_rule:head",
+                    help="family:gate pairs profiled at T = 64K (section 'profile'), or 'all'")
     ap.add_argument("--workers", type=int, default=min(6, max(1, (os.cpu_count() or 2) - 4)),
                     help="correctness worker processes sharing one GPU (more ran out of GPU "
                          "memory at fp32 kernel launches on an H100)")
@@ -358,6 +362,7 @@ def main():
     t_start = time.time()
     end = t_start + args.budget
     skip = set(filter(None, args.skip.split(",")))
+    profiled = profile_ops(args.profile_ops)  # a typo fails here, not after the timing
 
     import triton
 
@@ -590,38 +595,45 @@ def main():
         del a
         save()
 
-    # E. per-kernel profile of one fwd+bwd (Gated DeltaNet, T=64K), lsp and fla
-    if "profile" not in skip and time.time() < end - 35:
+    # E. per-kernel profile of one fwd+bwd at T=64K (Gated DeltaNet unless --profile-ops), lsp
+    #    and fla
+    if "profile" not in skip:
         from torch.profiler import ProfilerActivity, profile
-        a = bench_inputs("delta_rule", "head", 65536)
-        prof_out = {}
-        who = [("lsp", ours_fn(kernels, "delta_rule"))]
-        if "fla" not in skip:
-            who.append(("fla", fla_fn("delta_rule", "head")))
-        for name, fn in who:
-            try:
-                run = fwd_bwd(fn, a)
-                run()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result["profile_64k"] = {}
+        for family, gate in profiled:
+            if time.time() > end - 35:
+                log(f"profile {family}:{gate}: time budget reached")
+                break
+            a = bench_inputs(family, gate, 65536)
+            prof_out = {}
+            who = [("lsp", ours_fn(kernels, family))]
+            if "fla" not in skip:
+                who.append(("fla", fla_fn(family, gate)))
+            for name, fn in who:
+                try:
+                    run = fwd_bwd(fn, a)
                     run()
                     torch.cuda.synchronize()
-                rows = []
-                for ev in prof.key_averages():
-                    t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-                    if t > 0:
-                        rows.append((ev.key, t / 1000.0, ev.count))
-                rows.sort(key=lambda r: -r[1])
-                prof_out[name] = rows[:30]
-                log(f"\n-- profile {name}: GPU ms, calls, kernel --")
-                for key, t, n in rows[:16]:
-                    log(f"  {t:8.3f}  {n:3d}  {key[:100]}")
-            except Exception as exc:
-                prof_out[name] = repr(exc)
-                log(f"profile {name}: ERROR {exc!r}")
-        result["profile_gdn_64k"] = prof_out
-        del a
-        save()
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        run()
+                        torch.cuda.synchronize()
+                    rows = []
+                    for ev in prof.key_averages():
+                        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+                        if t > 0:
+                            rows.append((ev.key, t / 1000.0, ev.count))
+                    rows.sort(key=lambda r: -r[1])
+                    prof_out[name] = rows[:30]
+                    log(f"\n-- profile {NAMES[(family, gate)]} {name}: GPU ms, calls, kernel --")
+                    for key, t, n in rows[:16]:
+                        log(f"  {t:8.3f}  {n:3d}  {key[:100]}")
+                except Exception as exc:
+                    prof_out[name] = repr(exc)
+                    log(f"profile {family}:{gate} {name}: ERROR {exc!r}")
+            result["profile_64k"][f"{family}:{gate}"] = prof_out
+            del a
+            torch.cuda.empty_cache()
+            save()
 
     if table:
         log(f"\n== summary: {info['device']}, commit {args.commit}, triton {info['triton']}, "
@@ -635,6 +647,18 @@ def main():
         log(f"correctness: {sum(r['ok'] for r in res)}/{len(res) + len(result.get('correctness_unfinished', []))} passed")
     result["elapsed_s"] = time.time() - t_start
     save()
+
+
+def profile_ops(spec: str) -> list[tuple[str, str]]:
+    """``--profile-ops``: ``all`` or a comma list of ``family:gate`` pairs, checked."""
+    if spec == "all":
+        return [(f, g) for f in FAMILIES for g in GATES]
+    pairs = [tuple(x.split(":")) for x in spec.split(",") if x]
+    for pair in pairs:
+        if pair not in NAMES:
+            raise SystemExit(f"--profile-ops: unknown pair {':'.join(pair)!r}; use 'all' or "
+                             f"family:gate with family in {FAMILIES} and gate in {GATES}")
+    return pairs
 
 
 def row_line(row, short=False):

@@ -44,6 +44,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lsp.launch.bench_sp_ops")
     p.add_argument("--out", default="runs/bench_sp_ops")
+    p.add_argument("--commit", default=os.environ.get("LSP_COMMIT", "unknown"),
+                   help="commit recorded in the JSON (as bench_kernels)")
     p.add_argument("--T-local", type=int, default=65536, help="tokens per rank")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=16)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from triton_env import env_without_interpreter
 
 
@@ -23,3 +24,13 @@ def test_bench_kernels_cpu_smoke_writes_json(tmp_path):
     for r in recs:
         assert r["ok"] and r["finite"] and r["worst"] <= 1e-4, r
     assert "correctness: 6/6 passed" in proc.stdout
+
+
+def test_profile_ops_names_every_op_or_refuses_an_unknown_one():
+    from lsp.launch.bench_kernels import profile_ops
+
+    assert len(profile_ops("all")) == 6
+    assert profile_ops("linear_attention:key,delta_rule:none") == [
+        ("linear_attention", "key"), ("delta_rule", "none")]
+    with pytest.raises(SystemExit, match="unknown pair 'delta_rule:scalar'"):
+        profile_ops("delta_rule:scalar")

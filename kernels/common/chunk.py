@@ -317,7 +317,7 @@ def _from_prefix(Pre, Z, S):
 
 # The per-channel-gated delta rule computes its two pairwise products (``Aqk``, ``Akk``) and
 # their gradients in one pass each (shared loads and exponentials, as fla's KDA kernels do);
-# ``False`` runs them separately (the A/B in ``launch/ab_pairwise.py``).
+# ``False`` runs them separately (the A/B: ``launch/ab_pairwise.py`` at fbc8daa, docs/results.md).
 FUSE_PAIRWISE = True
 
 # ``grad_kernel`` runs without software pipelining: on Hopper (Triton 3.6) its pipelined build
@@ -325,6 +325,17 @@ FUSE_PAIRWISE = True
 # Pipelined it is 0.1-1 ms faster at T = 64K (2026-12-01), but one passing correctness run
 # cannot rule out an intermittent fault, so it stays off.
 GRAD_KERNEL_STAGES = 1
+
+# ``True``: ``grad_kernel`` takes ``dA^T`` (no per-channel gate) through a scratch buffer in the
+# input dtype instead of a second product over the value columns. Off until measured on a GPU
+# (``python -m lsp.launch.ab_kernels``, with the two switches below): it saves one of five
+# products per value block and adds a ``[B, T, H, 64]`` buffer.
+GRAD_DAT_VIA_MEMORY = False
+# ``True``: its scalar-gate gradient from ``q . dq - k . dk`` instead of a ``q k^T`` product
+GRAD_GATE_FROM_DQ_DK = False
+# value columns per step of its loop (``None``: the state passes' ``BV``, 64 at ``K <= 128``;
+# fla's ``dqkwg`` takes 128 on Hopper, one step at ``V = 128``)
+GRAD_BLOCK_V = None
 
 
 def _state_bwd(cfg, mode, q, k, w, G, Aqk, do, dh, dr, ds0, scale, table=None):
@@ -498,12 +509,17 @@ class ChunkFunction(torch.autograd.Function):
         dGl = (torch.empty((parts, B, NT, H) + tuple(g.shape[3:]), **f32) if cfg.gate else dq)
         dg = torch.empty_like(g) if final_g or (scalar_g and cfg.delta) else None
         dAqk = torch.empty(B, T, H, BT, **f32) if vec else dq
+        dat_mem = GRAD_DAT_VIA_MEMORY and not vec
+        scratch = torch.empty(B, T, H, BT, dtype=q.dtype, device=dev) if dat_mem else dq
         launch(grad_kernel, (NT, B * H, NK),
             q, k, r if cfg.delta else v, G if G is not None else q, h, dh, do, dr, dq, dk, dw,
-            dG, dGl, dg if dg is not None else dq, dAqk, *cfg.chunk_pointers(q), scale, T, NT,
-            B * T * H, B * NT * H, GATE=cfg.gate,
-            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, num_warps=grad_num_warps(BKG),
-            num_stages=GRAD_KERNEL_STAGES, **dict(cfg.consts(), BK=BKG))
+            dG, dGl, dg if dg is not None else dq, dAqk, scratch, *cfg.chunk_pointers(q), scale,
+            T, NT, B * T * H, B * NT * H, GATE=cfg.gate,
+            DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, DAT_MEM=dat_mem,
+            DG_ID=GRAD_GATE_FROM_DQ_DK,
+            num_warps=grad_num_warps(BKG), num_stages=GRAD_KERNEL_STAGES,
+            **dict(cfg.consts(), BK=BKG, BV=GRAD_BLOCK_V or cfg.BV))
+        del scratch
         del h, dh
         if cfg.gate and not final_g:
             dG, dGl = (x.sum(0) if parts > 1 else x[0] for x in (dG, dGl))

@@ -22,16 +22,24 @@ from .utils import chunk_program, chunk_rows
 
 
 @triton.jit(do_not_specialize=["scale", "T", "NT", "s_dG", "s_dGl"])
-def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
+def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk, scratch,
                 cu_seqlens, chunk_indices, scale, T, NT, s_dG, s_dGl,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
-                FINAL_G: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr):
+                FINAL_G: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr,
+                DAT_MEM: tl.constexpr = False, DG_ID: tl.constexpr = False):
     """Grid ``(NT, B*H, NK)``: each program one chunk and one block of ``BK`` key columns
     (``NK = cdiv(K, BK)``). ``dA`` (over the value columns) is computed whole by every block;
     the scalar gate's per-token and per-chunk gradients are sums over the key columns, so each
     block writes its part at ``dG + i_k * s_dG``, ``dGl + i_k * s_dGl`` (``FINAL_G`` needs
     ``NK = 1``).
+
+    Without a per-channel gate the key gradient needs ``dA^T``: by default as a second product
+    over the value columns; with ``DAT_MEM`` the masked ``dA`` goes through ``scratch``
+    (``[B*T*H, BT]``, ``q``'s dtype) and is read back transposed, as the WY backward does (every
+    key block writes the same values there). With ``DG_ID`` the scalar gate's per-token gradient
+    comes from the finished ``dq`` and ``dk`` of this kernel instead of ``rowsum(A * dA) -
+    colsum(A * dA)`` with ``A = q k^T`` (one product fewer).
 
     Writes ``dq`` and ``dk`` (in their tensors' dtypes: final values, or float32 partial sums that
     later kernels complete), ``dw`` (delta rule, in its tensor's dtype), and for gates either the
@@ -68,7 +76,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
         b_dqg = tl.dot(b_do, tl.trans(b_h), b_dqg, input_precision=IP)
         b_dkd = tl.dot(b_r, tl.trans(b_dh), b_dkd, input_precision=IP)
         b_dA = tl.dot(b_do, tl.trans(b_r), b_dA, input_precision=IP)
-        if GATE != 2:
+        if GATE != 2 and not DAT_MEM:
             # dA^T as its own product: on Hopper, Triton 3.4-3.7.0 miscompiles a dot whose
             # operand is the transpose of another dot's result (fla #640 / #826)
             b_dAT = tl.dot(b_r, tl.trans(b_do), b_dAT, input_precision=IP)
@@ -99,7 +107,6 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
         if i_k == 0:  # every key block has the whole dA
             tl.store(dAqk + row[:, None] * BT + o_i[None, :], b_dA, mask=m_t[:, None])
     else:
-        b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale
         if GATE == 1:
             b_g = tl.load(G + row, mask=m_t, other=0.0)
             b_gl = tl.load(G + row_l)
@@ -114,15 +121,29 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk,
             b_DT = tl.where(m_AT, 1.0, 0.0)
             b_dq = b_dqg
             b_dk = b_dkd
-        b_A = b_A * b_D
         b_dAm = b_dA * b_D
         b_dq += tl.dot(b_dAm, b_kf, input_precision=IP) * scale
-        b_dk += tl.dot(b_dAT * b_DT, b_qf, input_precision=IP) * scale
+        if DAT_MEM:
+            tl.store(scratch + row[:, None] * BT + o_i[None, :],
+                     b_dAm.to(scratch.dtype.element_ty), mask=m_t[:, None])
+            tl.debug_barrier()
+            b_dAmT = tl.load(scratch + row[None, :] * BT + o_i[:, None], mask=m_t[None, :],
+                             other=0.0)
+            b_dk += tl.dot(b_dAmT, b_q, input_precision=IP) * scale
+        else:
+            b_dk += tl.dot(b_dAT * b_DT, b_qf, input_precision=IP) * scale
         if GATE == 1:
             b_kdd = tl.sum(b_dkd * b_kf, axis=1) * b_ed
-            b_AdA = b_A * b_dA
-            b_dG = (tl.sum(b_dqg * b_qf, axis=1) * b_eg - b_kdd
-                    + tl.sum(b_AdA, axis=1) - tl.sum(b_AdA, axis=0))
+            if DG_ID:
+                # this kernel's terms of dG_t: q_t . dq_t - k_t . dk_t (for the intra-chunk part,
+                # sum_j dA_tj D_tj q_t.k_j - sum_i dA_it D_it q_i.k_t, the sums below), so no
+                # q k^T product
+                b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
+            else:
+                b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale * b_D
+                b_AdA = b_A * b_dA
+                b_dG = (tl.sum(b_dqg * b_qf, axis=1) * b_eg - b_kdd
+                        + tl.sum(b_AdA, axis=1) - tl.sum(b_AdA, axis=0))
             b_dgl = tl.sum(b_kdd, axis=0) + tl.exp(b_gl) * tl.sum(b_hdh, axis=0)
             if FINAL_G:
                 b_dG = tl.where(m_t, b_dG, 0.0)

@@ -250,8 +250,9 @@ def pairwise_bwd_kernel(dM, dM2, x, y, G, dx, dy, dG, cu_seqlens, chunk_indices,
         tl.store(dG + p_rk, tl.load(dG + p_rk, mask=m_rk, other=0.0) + b_dg, mask=m_rk)
 
 
-# Warps per launch, all 4 by a same-run A/B on the H200 (launch/ab_pairwise.py, docs/results.md
-# 2026-12-01, fourth session): the fused pair at 4 warps spills 48 / 784 bytes in its sm_90
+# Warps per launch, all 4 by a same-run A/B on the H200 (``launch/ab_pairwise.py`` at fbc8daa,
+# now ``python -m lsp.launch.ab_kernels --experiment pairwise``; docs/results.md 2026-12-01,
+# fourth session): the fused pair at 4 warps spills 48 / 784 bytes in its sm_90
 # build, yet took 43.0 ms for KDA-like fwd+bwd at 64K against 56.3 at 8 warps (46.9 separate).
 PAIR_WARPS = {"fwd": 4, "bwd": 4, "fwd2": 4, "bwd2": 4}
 

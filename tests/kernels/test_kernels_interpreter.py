@@ -212,6 +212,33 @@ def test_gradients_in_key_blocks(family, gate, monkeypatch):
     check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
+GRAD_VARIANTS = {  # chunk switches of grad_kernel's variants under A/B (launch/ab_kernels.py)
+    "dAT_memory": {"GRAD_DAT_VIA_MEMORY": True},
+    "dg_from_dq_dk": {"GRAD_GATE_FROM_DQ_DK": True},
+    "both_block_v16": {"GRAD_DAT_VIA_MEMORY": True, "GRAD_GATE_FROM_DQ_DK": True,
+                       "GRAD_BLOCK_V": 16},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("family,gate,variant", [
+    (f, g, v) for f in FAMILIES for g in ("none", "head") for v in GRAD_VARIANTS
+    if g == "head" or v != "dg_from_dq_dk"])  # without a gate the gate-gradient switch is moot
+def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, monkeypatch):
+    """``grad_kernel``'s variants under A/B: ``dA^T`` read back from a scratch buffer instead of
+    a second product, the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
+    product, value blocks other than the state passes' (three steps at V = 40, the last
+    ragged); three key blocks writing the same scratch rows and a ragged chunk."""
+    from lsp.kernels.common import chunk as kchunk
+
+    for name, value in GRAD_VARIANTS[variant].items():
+        monkeypatch.setattr(kchunk, name, value)
+    monkeypatch.setattr(kutils, "GRAD_KEY_BLOCK", 16)
+    monkeypatch.setattr(kutils, "GRAD_KEY_BLOCK_SCALAR_GATE", 16)
+    args = make_inputs(family, gate, B=1, T=40, H=2, K=40, V=40, dtype=dtype, seed=17)
+    check(family, args, TOL[dtype], chunk_size=16, num_segments=2)
+
+
 def test_state_augmentation_for_sequence_parallelism():
     """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
     in one call; the A block matches the delta rule's transition, here through linearity."""

@@ -1,0 +1,44 @@
+"""``launch/ab_kernels.py`` on the CPU: its variants name real switches, and it puts them back."""
+
+from __future__ import annotations
+
+from triton_env import interpreted
+
+with interpreted():  # whichever test module imports the kernels first decides how they decorate
+    from lsp.kernels.common import chunk, pairwise
+
+import pytest  # noqa: E402
+
+from lsp.launch import ab_kernels as ab  # noqa: E402
+
+
+def test_every_variant_sets_existing_switches_and_reset_restores_main():
+    before = ({n: getattr(chunk, n) for n in ("FUSE_PAIRWISE", *ab._GRAD)},
+              dict(pairwise.PAIR_WARPS))
+    sw = ab.Switches()
+    for exp in ab.EXPERIMENTS.values():
+        first = next(iter(exp["variants"].values()))
+        sw.use(first)  # the first variant is main's default
+        assert ({n: getattr(chunk, n) for n in before[0]}, dict(pairwise.PAIR_WARPS)) == before
+        for switches in exp["variants"].values():
+            sw.use(switches)
+            for name, value in switches.items():
+                if name == "PAIR_WARPS":
+                    assert all(pairwise.PAIR_WARPS[k] == w for k, w in value.items())
+                else:
+                    assert getattr(chunk, name) == value
+    sw.use({"GRAD_BLOCK_V": 128, "PAIR_WARPS": {"fwd": 8}})
+    sw.reset()
+    assert ({n: getattr(chunk, n) for n in before[0]}, dict(pairwise.PAIR_WARPS)) == before
+    with pytest.raises(SystemExit, match="unknown switch chunk.GRAD_TYPO"):
+        sw.use({"GRAD_TYPO": True})
+    sw.reset()
+
+
+def test_checked_cases_cover_the_experiment_gates_without_the_slow_fp32_builds():
+    for name, exp in ab.EXPERIMENTS.items():
+        cases = ab.cases(name)
+        assert {c["gate"] for c in cases} == set(exp["gates"])
+        assert {c["family"] for c in cases} == {ab.OPS[op][0] for op in exp["ops"]}
+        assert not [c for c in cases if c["dtype"] == "fp32" and c["K"] >= 128]
+        assert any(c.get("gate_value") == -1000.0 for c in cases)  # extreme gates stay

@@ -3,11 +3,13 @@
 An experiment is a set of variants, each a few switches (``chunk.GRAD_DAT_VIA_MEMORY``,
 ``pairwise.PAIR_WARPS``, ...) and the ops it concerns:
 
-- ``grad`` (default): the per-chunk gradient kernel without a per-channel gate. ``dA^T`` read
-  back from a scratch buffer instead of a second product over the value columns; the scalar
-  gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T`` product; both; both with value
-  blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg`` on Hopper). For DeltaNet, Gated
-  DeltaNet, linear attention and simple GLA.
+- ``backward`` (default): the backward kernels without a per-channel gate. In the per-chunk
+  gradient kernel, ``dA^T`` read back from a scratch buffer instead of a second product over the
+  value columns; the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
+  product; both; both with value blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg``
+  on Hopper). In the scalar-gate WY backward, ``Ai^T dW`` kept in the float32 ``dk`` buffer
+  between its key loops; ``dL`` with operands in the input dtype. All of them but the value
+  blocks together. For DeltaNet, Gated DeltaNet, linear attention and simple GLA.
 - ``pairwise``: the per-channel-gate pairwise kernels of KDA-like (two products fused or
   separate) and GLA at 4 or 8 warps (the A/B behind ``pairwise.PAIR_WARPS``, docs/results.md).
 
@@ -39,20 +41,30 @@ OPS = {"DeltaNet": ("delta_rule", "none"), "Gated DeltaNet": ("delta_rule", "hea
        "simple GLA": ("linear_attention", "head"), "KDA-like": ("delta_rule", "key"),
        "GLA": ("linear_attention", "key")}
 
-_GRAD = ("GRAD_DAT_VIA_MEMORY", "GRAD_GATE_FROM_DQ_DK", "GRAD_BLOCK_V")
+_SWITCHES = ("GRAD_DAT_VIA_MEMORY", "GRAD_GATE_FROM_DQ_DK", "GRAD_BLOCK_V", "WY_DK_IN_PLACE",
+             "WY_DL_INPUT_DTYPE")
+
+
+def _backward(*values) -> dict:
+    return dict(zip(_SWITCHES, values))
+
+
 EXPERIMENTS = {
-    "grad": dict(
+    "backward": dict(
         ops=("DeltaNet", "Gated DeltaNet", "linear attention", "simple GLA"),
-        gates=("none", "head"), profile="grad_kernel",
+        gates=("none", "head"), profile=("grad_kernel", "wy_bwd"),
         variants={  # name: {chunk switch: value}; the first is main's default
-            "base": dict(zip(_GRAD, (False, False, None))),
-            "dA^T via memory": dict(zip(_GRAD, (True, False, None))),
-            "dg from dq, dk": dict(zip(_GRAD, (False, True, None))),
-            "both": dict(zip(_GRAD, (True, True, None))),
-            "both, BV=128": dict(zip(_GRAD, (True, True, 128))),
+            "base": _backward(False, False, None, False, False),
+            "grad: dA^T via memory": _backward(True, False, None, False, False),
+            "grad: dg from dq, dk": _backward(False, True, None, False, False),
+            "grad: both": _backward(True, True, None, False, False),
+            "grad: both, BV=128": _backward(True, True, 128, False, False),
+            "wy: dk in place": _backward(False, False, None, True, False),
+            "wy: dL in input dtype": _backward(False, False, None, False, True),
+            "grad both, wy both": _backward(True, True, None, True, True),
         }),
     "pairwise": dict(
-        ops=("KDA-like", "GLA"), gates=("key",), profile="pairwise",
+        ops=("KDA-like", "GLA"), gates=("key",), profile=("pairwise",),
         variants={
             "fused, 4 warps": {"FUSE_PAIRWISE": True, "PAIR_WARPS": {}},
             "separate, 4 warps": {"FUSE_PAIRWISE": False, "PAIR_WARPS": {}},
@@ -70,7 +82,7 @@ class Switches:
         from lsp.kernels.common import chunk, pairwise
 
         self.chunk, self.pairwise = chunk, pairwise
-        self.saved = {n: getattr(chunk, n) for n in ("FUSE_PAIRWISE",) + _GRAD}
+        self.saved = {n: getattr(chunk, n) for n in ("FUSE_PAIRWISE",) + _SWITCHES}
         self.warps = dict(pairwise.PAIR_WARPS)
 
     def use(self, switches: dict) -> None:
@@ -118,20 +130,20 @@ def _check(experiment: str, variant: str, i: int, n: int, out: str) -> None:
         json.dump(recs, f)
 
 
-def _profile(run, match: str) -> dict:
+def _profile(run, match: tuple) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         run()
         torch.cuda.synchronize()
     return {ev.key[:32]: round((getattr(ev, "device_time_total", 0) or 0) / 1000, 3)
-            for ev in p.key_averages() if match in ev.key}
+            for ev in p.key_averages() if any(m in ev.key for m in match)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--experiment", choices=tuple(EXPERIMENTS), default="grad")
+    ap.add_argument("--experiment", choices=tuple(EXPERIMENTS), default="backward")
     ap.add_argument("--commit", default="")
     ap.add_argument("--workers", type=int, default=2,
                     help="correctness worker processes per checked variant (on the same GPU, "
@@ -194,10 +206,13 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
     sw.reset()
-    print(f"\n{'op':18s}" + "".join(f"{v:>18s}" for v in names))
-    for op in exp["ops"]:
-        ms = {v: min(r["ms"] for r in rows if r["op"] == op and r["variant"] == v) for v in names}
-        print(f"{op:18s}" + "".join(f"{ms[v]:15.3f} ms" for v in names))
+    # the better of the two rounds, and its ratio to the first variant (main's default)
+    best = {(v, op): min(r["ms"] for r in rows if r["op"] == op and r["variant"] == v)
+            for v in names for op in exp["ops"]}
+    print(f"\n{'variant':24s}" + "".join(f"{op:>26s}" for op in exp["ops"]))
+    for v in names:
+        print(f"{v:24s}" + "".join(f"{best[v, op]:12.3f} ms ({best[v, op] / best[names[0], op]:.3f}x)"
+                                   for op in exp["ops"]))
     expected = len(cases(a.experiment))
     for v in names[1:]:
         mine = [c for c in checks if c["variant"] == v]

@@ -64,6 +64,12 @@ WY_BLOCK_K = 64
 # same code). W/U at 8 warps, 128 wide with a 64-wide backward was not faster once the state
 # passes ran at 4 warps (H200, docs/results.md), so the GPU-checked configuration stays.
 WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
+# Its backward's variants for a same-run A/B (``python -m lsp.launch.ab_kernels``), off until
+# measured: the first key loop leaves ``Ai^T dW`` in the float32 ``dk`` buffer so the second does
+# not recompute it (``WY_DK_IN_PLACE``); ``dL = -Ai^T dAi Ai^T`` with operands in the input dtype
+# instead of float32 (``WY_DL_INPUT_DTYPE``).
+WY_DK_IN_PLACE = False
+WY_DL_INPUT_DTYPE = False
 
 
 class _Cfg:
@@ -543,7 +549,8 @@ class ChunkFunction(torch.autograd.Function):
                        dg if dg is not None else dk, scratch, *cfg.chunk_pointers(k), T, NT,
                        H=H, K=K, V=V, BT=BT,
                        BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
-                       IS_VARLEN=vl is not None, IP=cfg.IP, num_warps=WY_FAST["bwd_warps"])
+                       IS_VARLEN=vl is not None, IP=cfg.IP, DK_IN_PLACE=WY_DK_IN_PLACE,
+                       DL_LOW=WY_DL_INPUT_DTYPE, num_warps=WY_FAST["bwd_warps"])
             else:
                 wy_args = (k, v, beta, G if G is not None else k, TA,
                            Pm if Pm is not None else k, w, u, dw, dr, dk, dk_out, dv, dbeta, dG,

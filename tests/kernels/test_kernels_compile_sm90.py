@@ -64,8 +64,11 @@ cases = {
     "wy_bwd": (wy.wy_bwd_scalar_kernel,
                {**ptr("*bf16", "k v beta Ai du dk dv dbeta scratch"),
                 **ptr("*fp32", "G dw dk_acc dG dGl dg"), **common, "NT": "i32"},
-               dict(H=4, K=64, V=32, BT=64, BW=32), 4),
+               dict(H=4, K=64, V=32, BT=64, BW=32, DK_IN_PLACE=False, DL_LOW=False), 4),
 }
+# the WY backward's variants under A/B (chunk.WY_DK_IN_PLACE, chunk.WY_DL_INPUT_DTYPE)
+cases["wy_bwd_variants"] = (cases["wy_bwd"][0], cases["wy_bwd"][1],
+                            dict(cases["wy_bwd"][2], DK_IN_PLACE=True, DL_LOW=True), 4)
 out = {}
 for name, (fn, sig, consts, warps) in cases.items():
     for gate in (0, 1):
@@ -101,9 +104,10 @@ print(json.dumps(out))
 
 
 def test_scalar_gate_wy_kernels_compile_for_sm90():
-    # the scalar-gate WY kernels (delta_net/wy.py) with and without packed-document offsets
+    # the scalar-gate WY kernels (delta_net/wy.py) with and without packed-document offsets, and
+    # the WY backward with both of its A/B switches on
     results = compile_results(SCRIPT_WY)
-    assert len(results) == 6
+    assert len(results) == 8
     bad = {k: v for k, v in results.items() if v != "ok"}
     assert not bad, bad
 

@@ -239,6 +239,28 @@ def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, m
     check(family, args, TOL[dtype], chunk_size=16, num_segments=2)
 
 
+WY_VARIANTS = {  # chunk switches of the scalar-gate WY backward's variants under A/B
+    "dk_in_place": {"WY_DK_IN_PLACE": True},
+    "dL_input_dtype": {"WY_DL_INPUT_DTYPE": True},
+    "both": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": True},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("variant", WY_VARIANTS)
+@pytest.mark.parametrize("gate", ["none", "head"])
+def test_wy_backward_variants(gate, variant, dtype, monkeypatch):
+    """The scalar-gate WY backward with ``Ai^T dW`` kept in the float32 ``dk`` buffer between its
+    two key loops, and ``dL`` in the input dtype: two key blocks of 32 at K = 40 (the second
+    ragged), a ragged chunk, segments."""
+    from lsp.kernels.common import chunk as kchunk
+
+    for name, value in WY_VARIANTS[variant].items():
+        monkeypatch.setattr(kchunk, name, value)
+    args = make_inputs("delta_rule", gate, B=2, T=75, H=2, K=40, V=24, dtype=dtype, seed=19)
+    check("delta_rule", args, TOL[dtype], chunk_size=32, num_segments=2)
+
+
 def test_state_augmentation_for_sequence_parallelism():
     """What the SP layer runs: values [v | 0] from state [S0 | I] give (o + q_hat-part, [B | A])
     in one call; the A block matches the delta rule's transition, here through linearity."""

@@ -13,7 +13,7 @@ from lsp.launch import ab_kernels as ab  # noqa: E402
 
 
 def test_every_variant_sets_existing_switches_and_reset_restores_main():
-    before = ({n: getattr(chunk, n) for n in ("FUSE_PAIRWISE", *ab._GRAD)},
+    before = ({n: getattr(chunk, n) for n in ("FUSE_PAIRWISE", *ab._SWITCHES)},
               dict(pairwise.PAIR_WARPS))
     sw = ab.Switches()
     for exp in ab.EXPERIMENTS.values():

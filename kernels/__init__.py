@@ -12,7 +12,9 @@ Layout, one folder per family as in flash-linear-attention:
   strings them together (``chunk.py``); block sizes and segment counts by rule (``utils.py``).
 - ``linear_attn/``: additive linear attention (``R = V``).
 - ``delta_net/``: the delta rule's WY form and its backward: ``wy.py`` (no gate or one per
-  head: fused ``k k^T`` + triangular solve, ``W``/``U``, backward), ``intra.py`` (per-channel gate).
+  head: fused ``k k^T`` + triangular solve, ``W``/``U``, backward), ``intra.py`` (per-channel gate),
+  ``stages.py`` (their launches, which ``chunk.py`` hands to ``common/``; ``common/`` imports
+  no family).
 - ``conv/``: the layers' short causal depthwise convolution on the ``[B, T, C]`` layout
   (``short_conv``; ``model.conv_backend=triton``).
 

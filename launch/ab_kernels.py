@@ -1,7 +1,7 @@
 """Same-process A/B of kernel variants on one GPU: module switches of ``lsp.kernels.common``.
 
 An experiment is a set of variants, each a few switches (``chunk.GRAD_DAT_VIA_MEMORY``,
-``pairwise.PAIR_WARPS``, ...) and the ops it concerns:
+``stages.WY_DK_IN_PLACE``, ``pairwise.PAIR_WARPS``, ...) and the ops it concerns:
 
 - ``backward`` (default): the backward kernels without a per-channel gate. In the per-chunk
   gradient kernel, ``dA^T`` read back from a scratch buffer instead of a second product over the
@@ -75,14 +75,18 @@ EXPERIMENTS = {
 
 
 class Switches:
-    """Sets a variant's switches on ``chunk`` (``PAIR_WARPS`` on ``pairwise``: an update of its
-    defaults); ``reset()`` puts main's values back."""
+    """Sets a variant's switches: ``GRAD_*`` and ``FUSE_PAIRWISE`` on ``common/chunk.py``,
+    ``WY_*`` on ``delta_net/stages.py``, ``PAIR_WARPS`` on ``common/pairwise.py`` (an update of
+    its defaults); ``reset()`` puts main's values back."""
 
     def __init__(self):
         from lsp.kernels.common import chunk, pairwise
+        from lsp.kernels.delta_net import stages
 
-        self.chunk, self.pairwise = chunk, pairwise
-        self.saved = {n: getattr(chunk, n) for n in ("FUSE_PAIRWISE",) + _SWITCHES}
+        self.pairwise = pairwise
+        self.home = {n: (stages if n.startswith("WY_") else chunk)
+                     for n in ("FUSE_PAIRWISE",) + _SWITCHES}
+        self.saved = {n: getattr(m, n) for n, m in self.home.items()}
         self.warps = dict(pairwise.PAIR_WARPS)
 
     def use(self, switches: dict) -> None:
@@ -90,14 +94,14 @@ class Switches:
         for name, value in switches.items():
             if name == "PAIR_WARPS":
                 self.pairwise.PAIR_WARPS.update(value)
+            elif name in self.home:
+                setattr(self.home[name], name, value)
             else:
-                if not hasattr(self.chunk, name):
-                    raise SystemExit(f"unknown switch chunk.{name}")
-                setattr(self.chunk, name, value)
+                raise SystemExit(f"unknown switch {name}")
 
     def reset(self) -> None:
         for name, value in self.saved.items():
-            setattr(self.chunk, name, value)
+            setattr(self.home[name], name, value)
         self.pairwise.PAIR_WARPS.clear()
         self.pairwise.PAIR_WARPS.update(self.warps)
 

@@ -55,6 +55,7 @@ def main():
     from lsp.kernels.common import chunk as kchunk
     from lsp.kernels.common import pairwise as kpair
     from lsp.kernels.common import utils as kutils
+    from lsp.kernels.delta_net import stages as kstages
     from lsp.launch import bench_kernels as bk
     from lsp.testing import rel_err
 
@@ -121,6 +122,7 @@ def main():
 
     kchunk.launch = hooked
     kpair.launch = hooked
+    kstages.launch = hooked  # the delta rule's WY stages
     t0 = time.time()
     case = dict(family=args.family, gate=args.gate, dtype=args.dtype, B=2, T=args.T, H=2,
                 K=args.K, V=args.V, segs=3, oracle="naive" if args.T <= 400 else "chunk64")

@@ -4,9 +4,8 @@ Forward (``state.py`` has the notation)::
 
     G     = chunk-local cumsum of g                               (gate.py)
     A, P  = overflow-safe pairwise products (per-channel gate)    (pairwise.py)
-    Ai    = (I + L)^{-1} per chunk, no gate or one per head        (delta_net/wy.py)
-    W, U  = WY form of the delta rule                              (delta_net/wy.py; intra.py
-                                                                    for a per-channel gate)
+    Ai    = (I + L)^{-1} per chunk, no gate or one per head        (the delta rule's stages,
+    W, U  = WY form of the delta rule                               delta_net/stages.py)
     pairs of the P sequence segments, scan, outputs per segment    (state.py)
 
 Backward recomputes ``G``, ``W``, ``U`` (from the kept ``Ai`` where there is one) and the
@@ -31,8 +30,6 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..delta_net import wy
-from ..delta_net.intra import intra_fwd_kernel, wy_bwd_blocked_kernel, wy_bwd_kernel
 from ..kinds import Gate
 from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
@@ -54,28 +51,11 @@ from .utils import (
 )
 
 
-# The delta rule's WY backward keeps float32 [BT, K] tiles; above this K they do not fit in an
-# H100's shared memory (K = 256 asks for 288 KiB), so the key dim goes in blocks.
-WY_SINGLE_TILE_MAX_K = 128
-WY_BLOCK_K = 64
-
-# Launch configuration of the scalar-gate WY kernels (``delta_net/wy.py``): warps per kernel and
-# the widest block of their loops over key / value columns (fixed, so the interpreter runs the
-# same code). W/U at 8 warps, 128 wide with a 64-wide backward was not faster once the state
-# passes ran at 4 warps (H200, docs/results.md), so the GPU-checked configuration stays.
-WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
-# Its backward's variants for a same-run A/B (``python -m lsp.launch.ab_kernels``), off until
-# measured: the first key loop leaves ``Ai^T dW`` in the float32 ``dk`` buffer so the second does
-# not recompute it (``WY_DK_IN_PLACE``); ``dL = -Ai^T dAi Ai^T`` with operands in the input dtype
-# instead of float32 (``WY_DL_INPUT_DTYPE``).
-WY_DK_IN_PLACE = False
-WY_DL_INPUT_DTYPE = False
-
-
 class _Cfg:
     """Shapes and block sizes of one call."""
 
-    def __init__(self, q, v, g, beta, chunk_size, num_segments, varlen: Varlen | None):
+    def __init__(self, q, v, g, beta, chunk_size, num_segments, varlen: Varlen | None,
+                 stages=None):
         self.B, self.T, self.H, self.K = q.shape
         self.V = v.shape[-1]
         self.dtype = q.dtype
@@ -85,6 +65,10 @@ class _Cfg:
         self.NT = varlen.NT if varlen is not None else triton.cdiv(self.T, self.BT)
         self.gate = Gate.of(g)
         self.delta = beta is not None
+        if self.delta and stages is None:
+            raise ValueError("chunk_forward: the delta rule (beta given) needs its family's stages "
+                             "(kernels/delta_net/stages.py); call lsp.kernels.delta_rule")
+        self.stages = stages  # the family's own stages (the delta rule's WY form), or None
         self.BK = next_pow2(self.K)
         self.BV = state_block_v(self.BK, self.V)
         self.NV = triton.cdiv(self.V, self.BV)
@@ -122,42 +106,6 @@ class _Cfg:
         return self.segs is not None and self.segs.NS > self.varlen.N
 
 
-def _intra(cfg: _Cfg, k, v, beta, G, Pm, store_ta: bool):
-    B, T, H = cfg.B, cfg.T, cfg.H
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    TA = (torch.empty(B, T, H, cfg.BT, dtype=torch.float32, device=k.device) if store_ta else w)
-    BC = min(SUB_CHUNK, cfg.BT)
-    launch(intra_fwd_kernel, (cfg.NT, B * H),
-        k, v, beta, G if G is not None else k, Pm if Pm is not None else k, w, u, TA,
-        *cfg.chunk_pointers(k), T, H=H, K=cfg.K, V=cfg.V, BT=cfg.BT, BC=BC, NC=cfg.BT // BC,
-        BKI=min(cfg.BK, 64), BVI=min(next_pow2(cfg.V), 64), GATE=cfg.gate, STORE_TA=store_ta,
-        IP=cfg.IP, IS_VARLEN=cfg.varlen is not None, num_warps=4)
-    return w, u, (TA if store_ta else None)
-
-
-def _kkt_solve(cfg: _Cfg, k, beta, G):
-    """``Ai = (I + L)^{-1}`` per chunk, ``[B, T, H, BT]`` in the input dtype (wy.py)."""
-    Ai = torch.empty(cfg.B, cfg.T, cfg.H, cfg.BT, dtype=k.dtype, device=k.device)
-    BC = min(SUB_CHUNK, cfg.BT)
-    launch(wy.kkt_solve_kernel, (cfg.NT, cfg.B * cfg.H),
-        k, beta, G if G is not None else k, Ai, *cfg.chunk_pointers(k), cfg.T, H=cfg.H, K=cfg.K,
-        BT=cfg.BT, BC=BC, NC=cfg.BT // BC, BK=min(cfg.BK, WY_FAST["kkt_bk"]), GATE=cfg.gate,
-        IS_VARLEN=cfg.varlen is not None, IP=cfg.IP, num_warps=WY_FAST["kkt_warps"])
-    return Ai
-
-
-def _wu(cfg: _Cfg, k, v, beta, G, Ai):
-    w = torch.empty_like(k)
-    u = torch.empty_like(v)
-    launch(wy.wu_kernel, (cfg.NT, cfg.B * cfg.H),
-        k, v, beta, G if G is not None else k, Ai, w, u, *cfg.chunk_pointers(k), cfg.T,
-        H=cfg.H, K=cfg.K, V=cfg.V, BT=cfg.BT,
-        BW=min(max(cfg.BK, next_pow2(cfg.V)), WY_FAST["wu_bk"]), GATE=cfg.gate,
-        IS_VARLEN=cfg.varlen is not None, IP=cfg.IP, num_warps=WY_FAST["wu_warps"])
-    return w, u
-
-
 def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
     """Recomputable per-chunk quantities: G, the per-channel pairwise products, W and U (and
     ``Ai``, which the scalar-gate delta rule computes once in the forward and keeps)."""
@@ -172,12 +120,8 @@ def _prepare(cfg: _Cfg, q, k, v, beta, g, scale, store_ta: bool, Ai=None):
         if cfg.delta:
             Pm = pairwise_fwd(k, k, G, 1.0, cfg.BT, strict=True, varlen=vl)
     w = u = TA = None
-    if cfg.fast_wy:
-        if Ai is None:
-            Ai = _kkt_solve(cfg, k, beta, G)
-        w, u = _wu(cfg, k, v, beta, G, Ai)
-    elif cfg.delta:
-        w, u, TA = _intra(cfg, k, v, beta, G, Pm, store_ta)
+    if cfg.delta:
+        w, u, TA, Ai = cfg.stages.wy_forward(cfg, k, v, beta, G, Pm, store_ta, Ai)
     return G, Aqk, Pm, w, u, TA, Ai
 
 
@@ -364,12 +308,12 @@ class ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, chunk_size,
-                num_segments, cu_seqlens, boundary):
+                num_segments, cu_seqlens, boundary, stages):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         beta = beta.contiguous() if beta is not None else None
         g = g.contiguous() if g is not None else None
         varlen = Varlen.of(cu_seqlens, chunk_size) if cu_seqlens is not None else None
-        cfg = _Cfg(q, v, g, beta, chunk_size, num_segments, varlen)
+        cfg = _Cfg(q, v, g, beta, chunk_size, num_segments, varlen, stages)
         B, H, K, V, P = cfg.B, cfg.H, cfg.K, cfg.V, cfg.P
         f32 = dict(dtype=torch.float32, device=q.device)
         init = None
@@ -541,28 +485,10 @@ class ChunkFunction(torch.autograd.Function):
             dbeta = torch.empty_like(beta)
             dk_out = dk if vec else torch.empty_like(k)
             dP = torch.empty(B, T, H, BT, **f32) if vec else dk
-            if cfg.fast_wy:
-                w = u = None  # the scalar-gate WY backward reads Ai, not W and U
-                scratch = torch.empty_like(Ai)
-                launch(wy.wy_bwd_scalar_kernel, (NT, B * H), k, v, beta,
-                       G if G is not None else k, Ai, dw, dr, dk, dk_out, dv, dbeta, dG, dGl,
-                       dg if dg is not None else dk, scratch, *cfg.chunk_pointers(k), T, NT,
-                       H=H, K=K, V=V, BT=BT,
-                       BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
-                       IS_VARLEN=vl is not None, IP=cfg.IP, DK_IN_PLACE=WY_DK_IN_PLACE,
-                       DL_LOW=WY_DL_INPUT_DTYPE, num_warps=WY_FAST["bwd_warps"])
-            else:
-                wy_args = (k, v, beta, G if G is not None else k, TA,
-                           Pm if Pm is not None else k, w, u, dw, dr, dk, dk_out, dv, dbeta, dG,
-                           dGl, dg if dg is not None else dk, dP, *cfg.chunk_pointers(k), T, NT)
-                if cfg.BK <= WY_SINGLE_TILE_MAX_K:
-                    launch(wy_bwd_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
-                           BK=cfg.BK, BV=cfg.BV, GATE=cfg.gate, IP=cfg.IP,
-                           IS_VARLEN=vl is not None, num_warps=grad_num_warps(cfg.BK))
-                else:
-                    launch(wy_bwd_blocked_kernel, (NT, B * H), *wy_args, H=H, K=K, V=V, BT=BT,
-                           BKW=min(cfg.BK, WY_BLOCK_K), BV=min(cfg.BV, 64), GATE=cfg.gate,
-                           IP=cfg.IP, IS_VARLEN=vl is not None, num_warps=8)
+            if cfg.fast_wy:  # the scalar-gate WY backward reads Ai, not W and U: free them
+                w = u = None
+            cfg.stages.wy_backward(cfg, k, v, beta, G, Ai, TA, Pm, w, u, dw, dr, dk, dk_out, dv,
+                                   dbeta, dG, dGl, dg if dg is not None else dk, dP)
             dk = dk_out
             if vec and FUSE_PAIRWISE:  # both gradients in one pass (the WY backward adds)
                 pairwise_bwd(dAqk, q, k, G, scale, BT, dq, dk, dG, varlen=vl, second=(dP, 1.0))
@@ -574,13 +500,15 @@ class ChunkFunction(torch.autograd.Function):
         if vec:
             dg = chunk_reverse_cumsum(dG, dGl, BT, g.dtype, varlen=vl)
         return (dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, dg, dinit, None, None, None, None,
-                None, None)
+                None, None, None)
 
 
 def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, chunk_size,
-                  num_segments, cu_seqlens=None, boundary=None):
+                  num_segments, cu_seqlens=None, boundary=None, stages=None):
     """Run :class:`ChunkFunction`; returns ``(o, final_state or None)``; with ``cu_seqlens``
-    the states are per document, ``[N, H, K, V]``.
+    the states are per document, ``[N, H, K, V]``. ``stages``: the family's own stages, which
+    ``common/`` does not import (the delta rule's WY form, ``delta_net/stages.py``: required
+    with ``beta``; linear attention has none).
 
     ``boundary``: the call is one rank's contiguous slice of a longer sequence (dense). The
     slice's start state then comes from the other ranks, through the same segment machinery
@@ -605,7 +533,7 @@ def chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, ch
         raise ValueError("chunk_forward: a sequence-parallel boundary takes a dense slice; "
                          "packed documents run one per shard stretch (lsp.parallel)")
     out = ChunkFunction.apply(q, k, v, beta, g, initial_state, scale, output_final_state,
-                              chunk_size, num_segments, cu_seqlens, boundary)
+                              chunk_size, num_segments, cu_seqlens, boundary, stages)
     if output_final_state:
         return out
     return out, None

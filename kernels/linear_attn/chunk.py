@@ -11,7 +11,7 @@ from __future__ import annotations
 
 def chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
                            num_segments, cu_seqlens=None, boundary=None):
-    from ..common.chunk import chunk_forward  # common/ imports this family's kernels
+    from ..common.chunk import chunk_forward
 
     return chunk_forward(q, k, v, None, g, scale, initial_state, output_final_state, chunk_size,
                          num_segments, cu_seqlens, boundary)

@@ -66,7 +66,7 @@ cases = {
                 **ptr("*fp32", "G dw dk_acc dG dGl dg"), **common, "NT": "i32"},
                dict(H=4, K=64, V=32, BT=64, BW=32, DK_IN_PLACE=False, DL_LOW=False), 4),
 }
-# the WY backward's variants under A/B (chunk.WY_DK_IN_PLACE, chunk.WY_DL_INPUT_DTYPE)
+# the WY backward's variants under A/B (stages.WY_DK_IN_PLACE, stages.WY_DL_INPUT_DTYPE)
 cases["wy_bwd_variants"] = (cases["wy_bwd"][0], cases["wy_bwd"][1],
                             dict(cases["wy_bwd"][2], DK_IN_PLACE=True, DL_LOW=True), 4)
 out = {}

@@ -153,10 +153,10 @@ def test_extreme_gates(family, gate, value):
 def test_delta_backward_in_key_blocks(gate, monkeypatch):
     """The key-blocked WY backward (used for K > 128 on the GPU), forced here at K = 24 in blocks
     of 16 (two blocks, the second ragged)."""
-    from lsp.kernels.common import chunk as kchunk
+    from lsp.kernels.delta_net import stages as kstages
 
-    monkeypatch.setattr(kchunk, "WY_SINGLE_TILE_MAX_K", 16)
-    monkeypatch.setattr(kchunk, "WY_BLOCK_K", 16)
+    monkeypatch.setattr(kstages, "WY_SINGLE_TILE_MAX_K", 16)
+    monkeypatch.setattr(kstages, "WY_BLOCK_K", 16)
     args = make_inputs("delta_rule", gate, B=1, T=40, H=2, K=24, V=16, dtype=torch.float32, seed=12)
     check("delta_rule", args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
@@ -239,7 +239,7 @@ def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, m
     check(family, args, TOL[dtype], chunk_size=16, num_segments=2)
 
 
-WY_VARIANTS = {  # chunk switches of the scalar-gate WY backward's variants under A/B
+WY_VARIANTS = {  # switches of the scalar-gate WY backward's variants under A/B (delta_net/stages)
     "dk_in_place": {"WY_DK_IN_PLACE": True},
     "dL_input_dtype": {"WY_DL_INPUT_DTYPE": True},
     "both": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": True},
@@ -253,10 +253,10 @@ def test_wy_backward_variants(gate, variant, dtype, monkeypatch):
     """The scalar-gate WY backward with ``Ai^T dW`` kept in the float32 ``dk`` buffer between its
     two key loops, and ``dL`` in the input dtype: two key blocks of 32 at K = 40 (the second
     ragged), a ragged chunk, segments."""
-    from lsp.kernels.common import chunk as kchunk
+    from lsp.kernels.delta_net import stages as kstages
 
     for name, value in WY_VARIANTS[variant].items():
-        monkeypatch.setattr(kchunk, name, value)
+        monkeypatch.setattr(kstages, name, value)
     args = make_inputs("delta_rule", gate, B=2, T=75, H=2, K=40, V=24, dtype=dtype, seed=19)
     check("delta_rule", args, TOL[dtype], chunk_size=32, num_segments=2)
 
@@ -464,6 +464,7 @@ def test_grad_kernel_launch_warps(monkeypatch):
     """``grad_kernel`` runs at 4 warps for BK <= 64 (8 above): its 8-warp sm_90 build at BK = 64
     returned a wrong ``dw`` for gated delta rules on the H100 (``utils.grad_num_warps``)."""
     from lsp.kernels.common import chunk as kchunk
+    from lsp.kernels.delta_net import stages as kstages
 
     seen = {}
     orig = kchunk.launch
@@ -477,6 +478,7 @@ def test_grad_kernel_launch_warps(monkeypatch):
         return orig(kernel, grid, *a, num_warps=num_warps, **kw)
 
     monkeypatch.setattr(kchunk, "launch", spy)
+    monkeypatch.setattr(kstages, "launch", spy)  # the delta rule's own stages launch there
     for gate in ("head", "key"):  # scalar gate: wy.py's backward; per channel: intra.py's
         for K in (32, 64):
             args = make_inputs("delta_rule", gate, 1, 20, 1, K, 16, dtype=torch.float32)
@@ -488,7 +490,7 @@ def test_grad_kernel_launch_warps(monkeypatch):
     assert seen["state_bwd_kernel"] == {(32, 4), (64, 4)}
     assert kutils.state_num_warps(128) == 4 and kutils.state_num_warps(256) == 8
     # the scalar-gate WY backward at its fixed configuration (blocks of at most bwd_bk columns)
-    assert {w for _, w in seen["wy_bwd_scalar_kernel"]} == {kchunk.WY_FAST["bwd_warps"]}
+    assert {w for _, w in seen["wy_bwd_scalar_kernel"]} == {kstages.WY_FAST["bwd_warps"]}
     assert kutils.grad_num_warps(128) == 8 and kutils.grad_num_warps(256) == 8
     # and unpipelined: its num_stages=2 sm_90 build returned a wrong dw (kchunk.GRAD_KERNEL_STAGES)
     assert stages["grad_kernel"] == {1}

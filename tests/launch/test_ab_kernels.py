@@ -6,31 +6,37 @@ from triton_env import interpreted
 
 with interpreted():  # whichever test module imports the kernels first decides how they decorate
     from lsp.kernels.common import chunk, pairwise
+    from lsp.kernels.delta_net import stages
 
 import pytest  # noqa: E402
 
 from lsp.launch import ab_kernels as ab  # noqa: E402
 
 
+def _state():
+    home = {n: (stages if n.startswith("WY_") else chunk) for n in ("FUSE_PAIRWISE", *ab._SWITCHES)}
+    return {n: getattr(m, n) for n, m in home.items()}, dict(pairwise.PAIR_WARPS)
+
+
 def test_every_variant_sets_existing_switches_and_reset_restores_main():
-    before = ({n: getattr(chunk, n) for n in ("FUSE_PAIRWISE", *ab._SWITCHES)},
-              dict(pairwise.PAIR_WARPS))
+    before = _state()
     sw = ab.Switches()
     for exp in ab.EXPERIMENTS.values():
         first = next(iter(exp["variants"].values()))
         sw.use(first)  # the first variant is main's default
-        assert ({n: getattr(chunk, n) for n in before[0]}, dict(pairwise.PAIR_WARPS)) == before
+        assert _state() == before
         for switches in exp["variants"].values():
             sw.use(switches)
             for name, value in switches.items():
                 if name == "PAIR_WARPS":
                     assert all(pairwise.PAIR_WARPS[k] == w for k, w in value.items())
                 else:
-                    assert getattr(chunk, name) == value
-    sw.use({"GRAD_BLOCK_V": 128, "PAIR_WARPS": {"fwd": 8}})
+                    assert _state()[0][name] == value
+    sw.use({"GRAD_BLOCK_V": 128, "WY_DK_IN_PLACE": True, "PAIR_WARPS": {"fwd": 8}})
+    assert stages.WY_DK_IN_PLACE and chunk.GRAD_BLOCK_V == 128
     sw.reset()
-    assert ({n: getattr(chunk, n) for n in before[0]}, dict(pairwise.PAIR_WARPS)) == before
-    with pytest.raises(SystemExit, match="unknown switch chunk.GRAD_TYPO"):
+    assert _state() == before
+    with pytest.raises(SystemExit, match="unknown switch GRAD_TYPO"):
         sw.use({"GRAD_TYPO": True})
     sw.reset()
 

@@ -36,7 +36,6 @@ from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
 from .state import local_dr_kernel, state_bwd_kernel, state_fwd_kernel
 from .utils import (
-    SUB_CHUNK,
     Varlen,
     choose_doc_segments,
     choose_segments,

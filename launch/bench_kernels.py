@@ -238,6 +238,21 @@ def timed(run, reps, warmup=1):
     return statistics.median(ts), ts
 
 
+def kernel_times(run) -> list[tuple[str, float, int]]:
+    """``(kernel, GPU ms, calls)`` of one ``run()`` under the torch profiler, slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((ev.key, t / 1000.0, ev.count))
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def peak_mem(run):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -597,7 +612,6 @@ def main():
     # E. per-kernel profile of one fwd+bwd at T=64K (Gated DeltaNet unless --profile-ops), lsp
     #    and fla
     if "profile" not in skip:
-        from torch.profiler import ProfilerActivity, profile
         result["profile_64k"] = {}
         for family, gate in profiled:
             if time.time() > end - 35:
@@ -613,15 +627,7 @@ def main():
                     run = fwd_bwd(fn, a)
                     run()
                     torch.cuda.synchronize()
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        run()
-                        torch.cuda.synchronize()
-                    rows = []
-                    for ev in prof.key_averages():
-                        t = getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)
-                        if t > 0:
-                            rows.append((ev.key, t / 1000.0, ev.count))
-                    rows.sort(key=lambda r: -r[1])
+                    rows = kernel_times(run)
                     prof_out[name] = rows[:30]
                     log(f"\n-- profile {NAMES[(family, gate)]} {name}: GPU ms, calls, kernel --")
                     for key, t, n in rows[:16]:

@@ -14,8 +14,8 @@ An experiment is a set of variants, each a few switches (``chunk.GRAD_DAT_VIA_ME
   separate) and GLA at 4 or 8 warps (the A/B behind ``pairwise.PAIR_WARPS``, docs/results.md).
 
 1. Correctness: for every variant but the first (the current default), the cases of
-   ``bench_kernels``' correctness section for the experiment's gates, in worker processes that set
-   the variant's switches, against the float64 oracle; pass as there.
+   ``bench_kernels``' correctness section for the gates of the experiment's ops, in worker
+   processes that set the variant's switches, against the float64 oracle; pass as there.
 2. Timing: fwd+bwd at B=1, T=64K, H=16, K=V=128, bf16 (``bench_kernels.bench_inputs``), median of
    9 CUDA-event repeats, two rounds, every op under every variant, in one process; peak memory;
    in round 1 the per-kernel times of the kernels the experiment changes (torch profiler).
@@ -35,12 +35,6 @@ import time
 
 import torch
 
-# name: (family, gate) per op
-OPS = {"DeltaNet": ("delta_rule", "none"), "Gated DeltaNet": ("delta_rule", "head"),
-       "linear attention": ("linear_attention", "none"),
-       "simple GLA": ("linear_attention", "head"), "KDA-like": ("delta_rule", "key"),
-       "GLA": ("linear_attention", "key")}
-
 _SWITCHES = ("GRAD_DAT_VIA_MEMORY", "GRAD_GATE_FROM_DQ_DK", "GRAD_BLOCK_V", "WY_DK_IN_PLACE",
              "WY_DL_INPUT_DTYPE")
 
@@ -51,8 +45,10 @@ def _backward(*values) -> dict:
 
 EXPERIMENTS = {
     "backward": dict(
-        ops=("DeltaNet", "Gated DeltaNet", "linear attention", "simple GLA"),
-        gates=("none", "head"), profile=("grad_kernel", "wy_bwd"),
+        # (family, gate) per op, named as bench_kernels.NAMES; the checked cases are theirs
+        ops=(("delta_rule", "none"), ("delta_rule", "head"), ("linear_attention", "none"),
+             ("linear_attention", "head")),
+        profile=("grad_kernel", "wy_bwd"),
         variants={  # name: {chunk switch: value}; the first is main's default
             "base": _backward(False, False, None, False, False),
             "grad: dA^T via memory": _backward(True, False, None, False, False),
@@ -64,7 +60,7 @@ EXPERIMENTS = {
             "grad both, wy both": _backward(True, True, None, True, True),
         }),
     "pairwise": dict(
-        ops=("KDA-like", "GLA"), gates=("key",), profile=("pairwise",),
+        ops=(("delta_rule", "key"), ("linear_attention", "key")), profile=("pairwise",),
         variants={
             "fused, 4 warps": {"FUSE_PAIRWISE": True, "PAIR_WARPS": {}},
             "separate, 4 warps": {"FUSE_PAIRWISE": False, "PAIR_WARPS": {}},
@@ -112,7 +108,8 @@ def cases(experiment: str) -> list[dict]:
     ``K = 64``, extreme gates included, stay)."""
     from lsp.launch import bench_kernels as bk
 
-    return [c for c in bk.correctness_cases() if c["gate"] in EXPERIMENTS[experiment]["gates"]
+    gates = {g for _, g in EXPERIMENTS[experiment]["ops"]}
+    return [c for c in bk.correctness_cases() if c["gate"] in gates
             and not (c["dtype"] == "fp32" and c["K"] >= 128)]
 
 
@@ -151,7 +148,7 @@ def main() -> None:
         _check(a.experiment, variant, int(i), int(n), out)
         return
     from lsp import kernels
-    from lsp.launch.bench_kernels import bench_inputs, fwd_bwd, kernel_times, ours_fn, timed
+    from lsp.launch.bench_kernels import NAMES, bench_inputs, fwd_bwd, kernel_times, ours_fn, timed
 
     exp = EXPERIMENTS[a.experiment]
     names = list(exp["variants"])
@@ -164,10 +161,9 @@ def main() -> None:
                                str(a.workers), p]) for v, i, p in jobs]
     sw = Switches()
     runs = {}
-    for op in exp["ops"]:
-        family, gate = OPS[op]
+    for family, gate in exp["ops"]:
         x = bench_inputs(family, gate, 65536)
-        runs[op] = fwd_bwd(ours_fn(kernels, family), x)
+        runs[family, gate] = fwd_bwd(ours_fn(kernels, family), x)
     for v in names:  # compile every variant while the checks run
         sw.use(exp["variants"][v])
         for op in exp["ops"]:
@@ -193,7 +189,7 @@ def main() -> None:
             sw.use(exp["variants"][v])
             for op in exp["ops"]:
                 torch.cuda.reset_peak_memory_stats()
-                row = dict(variant=v, op=op, round=rnd, ms=round(timed(runs[op], 9)[0], 3),
+                row = dict(variant=v, op=NAMES[op], round=rnd, ms=round(timed(runs[op], 9)[0], 3),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3))
                 if rnd == 0:  # the per-kernel times of the kernels the experiment changes
                     row["kernels_ms"] = {key[:32]: round(ms, 3)
@@ -203,12 +199,13 @@ def main() -> None:
                 print(row, flush=True)
     sw.reset()
     # the better of the two rounds, and its ratio to the first variant (main's default)
-    best = {(v, op): min(r["ms"] for r in rows if r["op"] == op and r["variant"] == v)
+    best = {(v, op): min(r["ms"] for r in rows if r["op"] == NAMES[op] and r["variant"] == v)
             for v in names for op in exp["ops"]}
-    print(f"\n{'variant':24s}" + "".join(f"{op:>26s}" for op in exp["ops"]))
+    print(f"\n{'variant':24s}" + "".join(f"{NAMES[op]:>26s}" for op in exp["ops"]))
     for v in names:
-        print(f"{v:24s}" + "".join(f"{best[v, op]:12.3f} ms ({best[v, op] / best[names[0], op]:.3f}x)"
-                                   for op in exp["ops"]))
+        print(f"{v:24s}" + "".join(
+            f"{best[v, op]:12.3f} ms ({best[v, op] / best[names[0], op]:.3f}x)"
+            for op in exp["ops"]))
     expected = len(cases(a.experiment))
     for v in names[1:]:
         mine = [c for c in checks if c["variant"] == v]

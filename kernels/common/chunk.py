@@ -35,6 +35,7 @@ from .gate import chunk_cumsum, chunk_reverse_cumsum
 from .grad import grad_kernel
 from .pairwise import pairwise_bwd, pairwise_fwd
 from .state import local_dr_kernel, state_bwd_kernel, state_fwd_kernel
+from .scan import segment_scan
 from .utils import (
     Varlen,
     choose_doc_segments,
@@ -181,30 +182,14 @@ def _scan_segments(cfg, M, Y, X0, dec, reverse: bool):
 
 
 def _scan(cfg, M, Y, X0, dec, reverse: bool):
-    """Affine scan over the ``P`` segments of every (batch, head), float32, in torch.
+    """Affine scan over the ``P`` segments of every (batch, head), float32.
 
     ``x_0 = X0`` (or 0), ``x_{i+1} = M_p x_i + Y_p`` with ``p = i`` (forward) or ``p = P-1-i``
     and ``M_p^T`` (reverse); ``x_i`` lands in ``X[:, :, p]``. ``M`` is the full ``[K, K]``
     transition (delta rule), ``exp(dec)`` its diagonal (decayed linear attention) or identity.
-    ``P - 1`` batched products: the scan is tiny next to the passes around it.
+    One launch (``scan.py``): the scan is tiny next to the passes around it.
     """
-    B, H, P, K, V = cfg.B, cfg.H, cfg.P, cfg.K, cfg.V
-    X = torch.empty(B, H, P, K, V, dtype=torch.float32, device=Y.device)
-    x = X0 if X0 is not None else torch.zeros(B, H, K, V, dtype=torch.float32, device=Y.device)
-    order = list(range(P))[::-1] if reverse else list(range(P))
-    for i, p in enumerate(order):
-        X[:, :, p] = x
-        if i == P - 1:
-            break
-        if cfg.scan_kind == 2:
-            m = M[:, :, p].transpose(-1, -2) if reverse else M[:, :, p]
-            x = torch.baddbmm(Y[:, :, p].reshape(B * H, K, V), m.reshape(B * H, K, K),
-                              x.reshape(B * H, K, V)).view(B, H, K, V)
-        elif cfg.scan_kind == 1:
-            x = torch.addcmul(Y[:, :, p], dec[:, :, p].exp().unsqueeze(-1), x)
-        else:
-            x = x + Y[:, :, p]
-    return X
+    return segment_scan(cfg.scan_kind, M, Y, X0, dec, reverse)
 
 
 def _scan_prefix(cfg, M, Y, dec, reverse: bool):
@@ -276,14 +261,20 @@ FUSE_PAIRWISE = True
 GRAD_KERNEL_STAGES = 1
 
 # ``True``: ``grad_kernel`` takes ``dA^T`` (no per-channel gate) through a scratch buffer in the
-# input dtype instead of a second product over the value columns. Off until measured on a GPU
-# (``python -m lsp.launch.ab_kernels``, with the two switches below): it saves one of five
-# products per value block and adds a ``[B, T, H, 64]`` buffer.
-GRAD_DAT_VIA_MEMORY = False
-# ``True``: its scalar-gate gradient from ``q . dq - k . dk`` instead of a ``q k^T`` product
+# input dtype instead of a second product over the value columns (one of five products per value
+# block fewer, a ``[B, T, H, 64]`` buffer more). Measured in a same-run A/B (``python -m
+# lsp.launch.ab_kernels``, H200, T = 64K, docs/results.md 2026-12-01 sixth session): the kernel
+# 2.03 -> 1.77 ms (DeltaNet), 2.80 -> 2.35 (Gated DeltaNet), 1.23 -> 1.07 (linear attention),
+# 2.11 -> 1.82 (simple GLA), every correctness case green: on.
+GRAD_DAT_VIA_MEMORY = True
+# ``True``: its scalar-gate gradient from ``q . dq - k . dk`` instead of a ``q k^T`` product.
+# Off: no faster alone (2.71 vs 2.80 ms), and together with ``GRAD_DAT_VIA_MEMORY`` its bf16
+# ``dg`` error rose to 1.1-1.5e-2, above the 1e-2 tolerance (the difference of two rounded
+# products cancels), in 5 of 22 cases.
 GRAD_GATE_FROM_DQ_DK = False
 # value columns per step of its loop (``None``: the state passes' ``BV``, 64 at ``K <= 128``;
-# fla's ``dqkwg`` takes 128 on Hopper, one step at ``V = 128``)
+# fla's ``dqkwg`` takes 128 on Hopper, one step at ``V = 128``). 128 was mixed (DeltaNet faster,
+# Gated DeltaNet slower than 64) and its correctness run did not finish: off.
 GRAD_BLOCK_V = None
 
 

@@ -212,9 +212,9 @@ def test_gradients_in_key_blocks(family, gate, monkeypatch):
     check(family, args, TOL[torch.float32], chunk_size=16, num_segments=2)
 
 
-GRAD_VARIANTS = {  # chunk switches of grad_kernel's variants under A/B (launch/ab_kernels.py)
-    "dAT_memory": {"GRAD_DAT_VIA_MEMORY": True},
-    "dg_from_dq_dk": {"GRAD_GATE_FROM_DQ_DK": True},
+GRAD_VARIANTS = {  # chunk switches of grad_kernel's variants (launch/ab_kernels.py); the default
+    "dAT_product": {"GRAD_DAT_VIA_MEMORY": False},  # (dA^T via memory) runs in every other test
+    "dg_from_dq_dk": {"GRAD_DAT_VIA_MEMORY": False, "GRAD_GATE_FROM_DQ_DK": True},
     "both_block_v16": {"GRAD_DAT_VIA_MEMORY": True, "GRAD_GATE_FROM_DQ_DK": True,
                        "GRAD_BLOCK_V": 16},
 }
@@ -225,8 +225,8 @@ GRAD_VARIANTS = {  # chunk switches of grad_kernel's variants under A/B (launch/
     (f, g, v) for f in FAMILIES for g in ("none", "head") for v in GRAD_VARIANTS
     if g == "head" or v != "dg_from_dq_dk"])  # without a gate the gate-gradient switch is moot
 def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, monkeypatch):
-    """``grad_kernel``'s variants under A/B: ``dA^T`` read back from a scratch buffer instead of
-    a second product, the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
+    """``grad_kernel``'s variants: ``dA^T`` as a second product instead of read back from a
+    scratch buffer (the default), the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
     product, value blocks other than the state passes' (three steps at V = 40, the last
     ragged); three key blocks writing the same scratch rows and a ragged chunk."""
     from lsp.kernels.common import chunk as kchunk
@@ -239,9 +239,9 @@ def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, m
     check(family, args, TOL[dtype], chunk_size=16, num_segments=2)
 
 
-WY_VARIANTS = {  # switches of the scalar-gate WY backward's variants under A/B (delta_net/stages)
-    "dk_in_place": {"WY_DK_IN_PLACE": True},
-    "dL_input_dtype": {"WY_DL_INPUT_DTYPE": True},
+WY_VARIANTS = {  # switches of the scalar-gate WY backward's variants (delta_net/stages); the
+    "dk_in_place": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": False},  # default (dL in the
+    "dL_float32": {"WY_DL_INPUT_DTYPE": False},  # input dtype) runs in every other test
     "both": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": True},
 }
 
@@ -251,7 +251,7 @@ WY_VARIANTS = {  # switches of the scalar-gate WY backward's variants under A/B 
 @pytest.mark.parametrize("gate", ["none", "head"])
 def test_wy_backward_variants(gate, variant, dtype, monkeypatch):
     """The scalar-gate WY backward with ``Ai^T dW`` kept in the float32 ``dk`` buffer between its
-    two key loops, and ``dL`` in the input dtype: two key blocks of 32 at K = 40 (the second
+    two key loops, and ``dL`` in float32 instead of the input dtype (the default): two key blocks of 32 at K = 40 (the second
     ragged), a ragged chunk, segments."""
     from lsp.kernels.delta_net import stages as kstages
 
@@ -259,6 +259,35 @@ def test_wy_backward_variants(gate, variant, dtype, monkeypatch):
         monkeypatch.setattr(kstages, name, value)
     args = make_inputs("delta_rule", gate, B=2, T=75, H=2, K=40, V=24, dtype=dtype, seed=19)
     check("delta_rule", args, TOL[dtype], chunk_size=32, num_segments=2)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("kind,K", [(0, 40), (1, 40), (2, 40), (2, 72)])
+def test_segment_scan_kernel_matches_float64_loop(kind, K, reverse):
+    """``scan.segment_scan`` (one launch for the in-GPU segments' affine scan) against a float64
+    loop of ``x <- M_p x + Y_p`` (``M_p^T`` in reverse), ``exp(dec_p) x + Y_p``, ``x + Y_p``:
+    with and without a start state, ragged key and value blocks; K = 72 runs the product
+    kernel's two row blocks of 64 (the second ragged) through its barrier between steps."""
+    from lsp.kernels.common.scan import segment_scan
+
+    gen = torch.Generator().manual_seed(kind * 10 + K)
+    B, H, P, V = 2, 3, 5, 40
+    Y = torch.randn(B, H, P, K, V, generator=gen)
+    M = torch.randn(B, H, P, K, K, generator=gen) / K ** 0.5 if kind == 2 else None
+    dec = -torch.rand(B, H, P, K, generator=gen) if kind == 1 else None
+    for X0 in (None, torch.randn(B, H, K, V, generator=gen)):
+        X = segment_scan(kind, M, Y, X0, dec, reverse)
+        x = X0.double() if X0 is not None else torch.zeros(B, H, K, V, dtype=torch.float64)
+        for p in (range(P - 1, -1, -1) if reverse else range(P)):
+            ref = x
+            assert rel_err(X[:, :, p], ref) < 1e-6, (p, X0 is None)
+            if kind == 2:
+                m = M[:, :, p].double()
+                x = (m.transpose(-1, -2) if reverse else m) @ x + Y[:, :, p].double()
+            elif kind == 1:
+                x = dec[:, :, p].double().exp().unsqueeze(-1) * x + Y[:, :, p].double()
+            else:
+                x = x + Y[:, :, p].double()
 
 
 def test_state_augmentation_for_sequence_parallelism():

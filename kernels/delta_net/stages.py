@@ -22,12 +22,14 @@ WY_BLOCK_K = 64
 # same code). W/U at 8 warps, 128 wide with a 64-wide backward was not faster once the state
 # passes ran at 4 warps (H200, docs/results.md), so the GPU-checked configuration stays.
 WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
-# Its backward's variants for a same-run A/B (``python -m lsp.launch.ab_kernels``), off until
-# measured: the first key loop leaves ``Ai^T dW`` in the float32 ``dk`` buffer so the second does
-# not recompute it (``WY_DK_IN_PLACE``); ``dL = -Ai^T dAi Ai^T`` with operands in the input dtype
-# instead of float32 (``WY_DL_INPUT_DTYPE``).
+# Its backward's variants for a same-run A/B (``python -m lsp.launch.ab_kernels``, H200,
+# docs/results.md 2026-12-01 sixth session): ``dL = -Ai^T dAi Ai^T`` with operands in the input
+# dtype instead of float32 (``WY_DL_INPUT_DTYPE``, as fla's) took the kernel from 1.43 to 1.39 ms
+# (DeltaNet) and 1.70 to 1.63 ms (Gated DeltaNet) at T = 64K with every correctness case green:
+# on. Leaving ``Ai^T dW`` in the float32 ``dk`` buffer between the two key loops instead of
+# recomputing it (``WY_DK_IN_PLACE``) made it slower (1.66 / 2.03 ms): off.
 WY_DK_IN_PLACE = False
-WY_DL_INPUT_DTYPE = False
+WY_DL_INPUT_DTYPE = True
 
 
 def _intra(cfg, k, v, beta, G, Pm, store_ta: bool):

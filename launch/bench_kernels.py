@@ -359,6 +359,8 @@ def main():
     ap.add_argument("--skip", default="",
                     help="comma list of sections to skip: correct,time,shapes,sweep,profile,fla")
     ap.add_argument("--sweep", default="1,2,4,8,16,32,64", help="segment counts for the sweep")
+    ap.add_argument("--ops", default="all",
+                    help="family:gate pairs timed (section 'time'; SDPA always), or 'all'")
     ap.add_argument("--profile-ops", default="delta_rule:head",
                     help="family:gate pairs profiled at T = 64K (section 'profile'), or 'all'")
     ap.add_argument("--workers", type=int, default=min(6, max(1, (os.cpu_count() or 2) - 4)),
@@ -377,6 +379,7 @@ def main():
     end = t_start + args.budget
     skip = set(filter(None, args.skip.split(",")))
     profiled = profile_ops(args.profile_ops)  # a typo fails here, not after the timing
+    timed = profile_ops(args.ops, "--ops")
 
     import triton
 
@@ -417,9 +420,9 @@ def main():
         # the slowest compiles (fp32 at K >= 128) go to the front of the queue
         tasks += [dict(kind="case", case=c) for c in cases if c["dtype"] == "fp32" and c["K"] >= 128]
     if "fla" not in skip and "time" not in skip:
-        tasks += [dict(kind="warm_fla", family=f, gate=g, T=8192) for f in FAMILIES for g in GATES]
+        tasks += [dict(kind="warm_fla", family=f, gate=g, T=8192) for f, g in timed]
     if "time" not in skip:
-        tasks += [dict(kind="warm_lsp", family=f, gate=g, T=4096) for f in FAMILIES for g in GATES]
+        tasks += [dict(kind="warm_lsp", family=f, gate=g, T=4096) for f, g in timed]
     if "correct" not in skip:
         tasks += [dict(kind="case", case=c) for c in cases
                   if not (c["dtype"] == "fp32" and c["K"] >= 128)]
@@ -491,6 +494,8 @@ def main():
             for T in seqlens:
                 for i, (family, gate) in enumerate([(f, g) for f in FAMILIES for g in GATES]
                                                    + [("sdpa", None)]):
+                    if family != "sdpa" and (family, gate) not in timed:
+                        continue
                     drain()
                     # fla's first call of a shape autotunes (tens of seconds at 128K)
                     if time.time() > end - (8 if who == "lsp" else 40):
@@ -654,14 +659,15 @@ def main():
     save()
 
 
-def profile_ops(spec: str) -> list[tuple[str, str]]:
-    """``--profile-ops``: ``all`` or a comma list of ``family:gate`` pairs, checked."""
+def profile_ops(spec: str, flag: str = "--profile-ops") -> list[tuple[str, str]]:
+    """``--profile-ops`` (or ``--ops``): ``all`` or a comma list of ``family:gate`` pairs,
+    checked."""
     if spec == "all":
         return [(f, g) for f in FAMILIES for g in GATES]
     pairs = [tuple(x.split(":")) for x in spec.split(",") if x]
     for pair in pairs:
         if pair not in NAMES:
-            raise SystemExit(f"--profile-ops: unknown pair {':'.join(pair)!r}; use 'all' or "
+            raise SystemExit(f"{flag}: unknown pair {':'.join(pair)!r}; use 'all' or "
                              f"family:gate with family in {FAMILIES} and gate in {GATES}")
     return pairs
 

@@ -12,8 +12,9 @@
    the timing runs on the first.
 2. Timing: fwd+bwd at B=1, H=16, K=V=128, bf16, T in {8K, 32K, 64K, 128K} for each family next to
    its fla 0.6.0 counterpart and torch SDPA flash attention (causal), same run, CUDA events,
-   median of several repeats; peak memory of the fwd+bwd above the inputs. fla 0.6.0 refuses
-   its gated backward on Hopper with triton < 3.7.1 (fla #640); for the baseline timing the
+   median of several repeats; peak memory of the fwd+bwd above the inputs (``--ops``: a
+   subset of the ops, where fla's cold autotuning of all six would not fit a call). fla 0.6.0
+   refuses its gated backward on Hopper with triton < 3.7.1 (fla #640); for the baseline timing the
    script sets ``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`` (fla's gradients are not
    checked here).
 3. Other shapes (``--shapes``): Gated DeltaNet at H = 8, T = 512K (one GPU's share of the

@@ -34,3 +34,5 @@ def test_profile_ops_names_every_op_or_refuses_an_unknown_one():
         ("linear_attention", "key"), ("delta_rule", "none")]
     with pytest.raises(SystemExit, match="unknown pair 'delta_rule:scalar'"):
         profile_ops("delta_rule:scalar")
+    with pytest.raises(SystemExit, match="--ops: unknown pair 'gla:key'"):
+        profile_ops("gla:key", "--ops")

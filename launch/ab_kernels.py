@@ -6,10 +6,12 @@ An experiment is a set of variants, each a few switches (``chunk.GRAD_DAT_VIA_ME
 - ``backward`` (default): the backward kernels without a per-channel gate. In the per-chunk
   gradient kernel, ``dA^T`` read back from a scratch buffer instead of a second product over the
   value columns; the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
-  product; both; both with value blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg``
-  on Hopper). In the scalar-gate WY backward, ``Ai^T dW`` kept in the float32 ``dk`` buffer
-  between its key loops; ``dL`` with operands in the input dtype. All of them but the value
-  blocks together. For DeltaNet, Gated DeltaNet, linear attention and simple GLA.
+  product; value blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg`` on Hopper). In
+  the scalar-gate WY backward, ``Ai^T dW`` kept in the float32 ``dk`` buffer between its key
+  loops; ``dL`` with operands in the input dtype. main takes ``dA^T`` via memory and ``dL`` in
+  the input dtype (measured 2026-12-01); each other variant changes one thing from main, and
+  "all off" is the kernels before. For DeltaNet, Gated DeltaNet, linear attention and simple
+  GLA.
 - ``pairwise``: the per-channel-gate pairwise kernels of KDA-like (two products fused or
   separate) and GLA at 4 or 8 warps (the A/B behind ``pairwise.PAIR_WARPS``, docs/results.md).
 
@@ -50,14 +52,14 @@ EXPERIMENTS = {
              ("linear_attention", "head")),
         profile=("grad_kernel", "wy_bwd"),
         variants={  # name: {chunk switch: value}; the first is main's default
-            "base": _backward(False, False, None, False, False),
-            "grad: dA^T via memory": _backward(True, False, None, False, False),
-            "grad: dg from dq, dk": _backward(False, True, None, False, False),
-            "grad: both": _backward(True, True, None, False, False),
-            "grad: both, BV=128": _backward(True, True, 128, False, False),
-            "wy: dk in place": _backward(False, False, None, True, False),
-            "wy: dL in input dtype": _backward(False, False, None, False, True),
-            "grad both, wy both": _backward(True, True, None, True, True),
+            # main since the A/B of 2026-12-01 (sixth session, docs/results.md), which ran the
+            # variants below against all switches off
+            "main (dA^T via memory, dL in input dtype)": _backward(True, False, None, False, True),
+            "all off": _backward(False, False, None, False, False),
+            "grad: dg from dq, dk": _backward(True, True, None, False, True),
+            "grad: BV=128": _backward(True, False, 128, False, True),
+            "wy: dk in place": _backward(True, False, None, True, True),
+            "wy: dL in float32": _backward(True, False, None, False, False),
         }),
     "pairwise": dict(
         ops=(("delta_rule", "key"), ("linear_attention", "key")), profile=("pairwise",),

@@ -1,17 +1,15 @@
 """Same-process A/B of kernel variants on one GPU: module switches of ``lsp.kernels.common``.
 
 An experiment is a set of variants, each a few switches (``chunk.GRAD_DAT_VIA_MEMORY``,
-``stages.WY_DK_IN_PLACE``, ``pairwise.PAIR_WARPS``, ...) and the ops it concerns:
+``stages.WY_DL_INPUT_DTYPE``, ``pairwise.PAIR_WARPS``, ...) and the ops it concerns:
 
 - ``backward`` (default): the backward kernels without a per-channel gate. In the per-chunk
-  gradient kernel, ``dA^T`` read back from a scratch buffer instead of a second product over the
-  value columns; the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
-  product; value blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg`` on Hopper). In
-  the scalar-gate WY backward, ``Ai^T dW`` kept in the float32 ``dk`` buffer between its key
-  loops; ``dL`` with operands in the input dtype. main takes ``dA^T`` via memory and ``dL`` in
-  the input dtype (measured 2026-12-01); each other variant changes one thing from main, and
-  "all off" is the kernels before. For DeltaNet, Gated DeltaNet, linear attention and simple
-  GLA.
+  gradient kernel, ``dA^T`` read back from a scratch buffer (main) or as a second product over
+  the value columns; value blocks of 128 (one loop step at ``V = 128``, as fla's ``dqkwg`` on
+  Hopper). In the scalar-gate WY backward, ``dL`` with operands in the input dtype (main) or
+  float32. Each variant changes one thing from main; "all off" is the kernels before the A/B of
+  2026-12-01 (sixth session, docs/results.md), which also measured two variants removed since.
+  For DeltaNet, Gated DeltaNet, linear attention and simple GLA.
 - ``pairwise``: the per-channel-gate pairwise kernels of KDA-like (two products fused or
   separate) and GLA at 4 or 8 warps (the A/B behind ``pairwise.PAIR_WARPS``, docs/results.md).
 
@@ -37,8 +35,7 @@ import time
 
 import torch
 
-_SWITCHES = ("GRAD_DAT_VIA_MEMORY", "GRAD_GATE_FROM_DQ_DK", "GRAD_BLOCK_V", "WY_DK_IN_PLACE",
-             "WY_DL_INPUT_DTYPE")
+_SWITCHES = ("GRAD_DAT_VIA_MEMORY", "GRAD_BLOCK_V", "WY_DL_INPUT_DTYPE")
 
 
 def _backward(*values) -> dict:
@@ -52,14 +49,10 @@ EXPERIMENTS = {
              ("linear_attention", "head")),
         profile=("grad_kernel", "wy_bwd"),
         variants={  # name: {chunk switch: value}; the first is main's default
-            # main since the A/B of 2026-12-01 (sixth session, docs/results.md), which ran the
-            # variants below against all switches off
-            "main (dA^T via memory, dL in input dtype)": _backward(True, False, None, False, True),
-            "all off": _backward(False, False, None, False, False),
-            "grad: dg from dq, dk": _backward(True, True, None, False, True),
-            "grad: BV=128": _backward(True, False, 128, False, True),
-            "wy: dk in place": _backward(True, False, None, True, True),
-            "wy: dL in float32": _backward(True, False, None, False, False),
+            "main (dA^T via memory, dL in input dtype)": _backward(True, None, True),
+            "all off": _backward(False, None, False),
+            "grad: BV=128": _backward(True, 128, True),
+            "wy: dL in float32": _backward(True, None, False),
         }),
     "pairwise": dict(
         ops=(("delta_rule", "key"), ("linear_attention", "key")), profile=("pairwise",),

@@ -267,11 +267,9 @@ GRAD_KERNEL_STAGES = 1
 # 2.03 -> 1.77 ms (DeltaNet), 2.80 -> 2.35 (Gated DeltaNet), 1.23 -> 1.07 (linear attention),
 # 2.11 -> 1.82 (simple GLA), every correctness case green: on.
 GRAD_DAT_VIA_MEMORY = True
-# ``True``: its scalar-gate gradient from ``q . dq - k . dk`` instead of a ``q k^T`` product.
-# Off: no faster alone (2.71 vs 2.80 ms), and together with ``GRAD_DAT_VIA_MEMORY`` its bf16
-# ``dg`` error rose to 1.1-1.5e-2, above the 1e-2 tolerance (the difference of two rounded
-# products cancels), in 5 of 22 cases.
-GRAD_GATE_FROM_DQ_DK = False
+# (The scalar-gate gradient as ``q . dq - k . dk`` instead of a ``q k^T`` product was no faster,
+# 2.71 vs 2.80 ms, and beside ``GRAD_DAT_VIA_MEMORY`` its bf16 ``dg`` error rose to 1.1-1.5e-2,
+# over the 1e-2 tolerance, in 5 of 22 cases: removed after that A/B.)
 # value columns per step of its loop (``None``: the state passes' ``BV``, 64 at ``K <= 128``;
 # fla's ``dqkwg`` takes 128 on Hopper, one step at ``V = 128``). 128 was mixed (DeltaNet faster,
 # Gated DeltaNet slower than 64) and its correctness run did not finish: off.
@@ -456,7 +454,6 @@ class ChunkFunction(torch.autograd.Function):
             dG, dGl, dg if dg is not None else dq, dAqk, scratch, *cfg.chunk_pointers(q), scale,
             T, NT, B * T * H, B * NT * H, GATE=cfg.gate,
             DELTA=cfg.delta, FINAL_G=final_g, IP=cfg.IP, DAT_MEM=dat_mem,
-            DG_ID=GRAD_GATE_FROM_DQ_DK,
             num_warps=grad_num_warps(BKG), num_stages=GRAD_KERNEL_STAGES,
             **dict(cfg.consts(), BK=BKG, BV=GRAD_BLOCK_V or cfg.BV))
         del scratch

@@ -27,7 +27,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk, scrat
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
                 FINAL_G: tl.constexpr, IP: tl.constexpr, IS_VARLEN: tl.constexpr,
-                DAT_MEM: tl.constexpr = False, DG_ID: tl.constexpr = False):
+                DAT_MEM: tl.constexpr = False):
     """Grid ``(NT, B*H, NK)``: each program one chunk and one block of ``BK`` key columns
     (``NK = cdiv(K, BK)``). ``dA`` (over the value columns) is computed whole by every block;
     the scalar gate's per-token and per-chunk gradients are sums over the key columns, so each
@@ -37,9 +37,7 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk, scrat
     Without a per-channel gate the key gradient needs ``dA^T``: by default as a second product
     over the value columns; with ``DAT_MEM`` the masked ``dA`` goes through ``scratch``
     (``[B*T*H, BT]``, ``q``'s dtype) and is read back transposed, as the WY backward does (every
-    key block writes the same values there). With ``DG_ID`` the scalar gate's per-token gradient
-    comes from the finished ``dq`` and ``dk`` of this kernel instead of ``rowsum(A * dA) -
-    colsum(A * dA)`` with ``A = q k^T`` (one product fewer).
+    key block writes the same values there).
 
     Writes ``dq`` and ``dk`` (in their tensors' dtypes: final values, or float32 partial sums that
     later kernels complete), ``dw`` (delta rule, in its tensor's dtype), and for gates either the
@@ -134,16 +132,10 @@ def grad_kernel(q, k, rv, G, h, dh, do, dr, dq, dk, dw, dG, dGl, dg, dAqk, scrat
             b_dk += tl.dot(b_dAT * b_DT, b_qf, input_precision=IP) * scale
         if GATE == 1:
             b_kdd = tl.sum(b_dkd * b_kf, axis=1) * b_ed
-            if DG_ID:
-                # this kernel's terms of dG_t: q_t . dq_t - k_t . dk_t (for the intra-chunk part,
-                # sum_j dA_tj D_tj q_t.k_j - sum_i dA_it D_it q_i.k_t, the sums below), so no
-                # q k^T product
-                b_dG = tl.sum(b_dq * b_qf, axis=1) - tl.sum(b_dk * b_kf, axis=1)
-            else:
-                b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale * b_D
-                b_AdA = b_A * b_dA
-                b_dG = (tl.sum(b_dqg * b_qf, axis=1) * b_eg - b_kdd
-                        + tl.sum(b_AdA, axis=1) - tl.sum(b_AdA, axis=0))
+            b_A = tl.dot(b_q, tl.trans(b_k), input_precision=IP) * scale * b_D
+            b_AdA = b_A * b_dA
+            b_dG = (tl.sum(b_dqg * b_qf, axis=1) * b_eg - b_kdd
+                    + tl.sum(b_AdA, axis=1) - tl.sum(b_AdA, axis=0))
             b_dgl = tl.sum(b_kdd, axis=0) + tl.exp(b_gl) * tl.sum(b_hdh, axis=0)
             if FINAL_G:
                 b_dG = tl.where(m_t, b_dG, 0.0)

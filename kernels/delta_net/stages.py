@@ -22,13 +22,12 @@ WY_BLOCK_K = 64
 # same code). W/U at 8 warps, 128 wide with a 64-wide backward was not faster once the state
 # passes ran at 4 warps (H200, docs/results.md), so the GPU-checked configuration stays.
 WY_FAST = dict(kkt_warps=1, kkt_bk=64, wu_warps=4, wu_bk=64, bwd_warps=4, bwd_bk=32)
-# Its backward's variants for a same-run A/B (``python -m lsp.launch.ab_kernels``, H200,
-# docs/results.md 2026-12-01 sixth session): ``dL = -Ai^T dAi Ai^T`` with operands in the input
-# dtype instead of float32 (``WY_DL_INPUT_DTYPE``, as fla's) took the kernel from 1.43 to 1.39 ms
-# (DeltaNet) and 1.70 to 1.63 ms (Gated DeltaNet) at T = 64K with every correctness case green:
-# on. Leaving ``Ai^T dW`` in the float32 ``dk`` buffer between the two key loops instead of
-# recomputing it (``WY_DK_IN_PLACE``) made it slower (1.66 / 2.03 ms): off.
-WY_DK_IN_PLACE = False
+# Its backward's ``dL = -Ai^T dAi Ai^T`` with operands in the input dtype instead of float32
+# (``WY_DL_INPUT_DTYPE``, as fla's): 1.43 -> 1.39 ms (DeltaNet) and 1.70 -> 1.63 ms (Gated
+# DeltaNet) at T = 64K in a same-run A/B (``python -m lsp.launch.ab_kernels``, H200,
+# docs/results.md 2026-12-01 sixth session), every correctness case green. (Keeping ``Ai^T dW``
+# in the float32 ``dk`` buffer between the two key loops was slower, 1.66 / 2.03 ms, and was
+# removed after that A/B.)
 WY_DL_INPUT_DTYPE = True
 
 
@@ -94,8 +93,8 @@ def wy_backward(cfg, k, v, beta, G, Ai, TA, Pm, w, u, dw, dr, dk, dk_out, dv, db
                scratch, *cfg.chunk_pointers(k), T, NT,
                H=H, K=K, V=V, BT=BT,
                BW=min(max(cfg.BK, next_pow2(V)), WY_FAST["bwd_bk"]), GATE=cfg.gate,
-               IS_VARLEN=vl is not None, IP=cfg.IP, DK_IN_PLACE=WY_DK_IN_PLACE,
-               DL_LOW=WY_DL_INPUT_DTYPE, num_warps=WY_FAST["bwd_warps"])
+               IS_VARLEN=vl is not None, IP=cfg.IP, DL_LOW=WY_DL_INPUT_DTYPE,
+               num_warps=WY_FAST["bwd_warps"])
     else:
         wy_args = (k, v, beta, G if G is not None else k, TA,
                    Pm if Pm is not None else k, w, u, dw, dr, dk, dk_out, dv, dbeta, dG,

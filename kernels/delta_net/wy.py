@@ -197,12 +197,9 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
                          cu_seqlens, chunk_indices, T, NT,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                          BW: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-                         IP: tl.constexpr, DK_IN_PLACE: tl.constexpr = False,
-                         DL_LOW: tl.constexpr = False):
+                         IP: tl.constexpr, DL_LOW: tl.constexpr = False):
     """Grid ``(NT, B*H)``. ``dk_acc`` (float32) holds the partial ``dk`` of the state gradients;
-    the sum goes to ``dk``. ``DK_IN_PLACE``: the first key loop adds its ``Ai^T dW`` term into
-    ``dk_acc`` (which the caller drops afterwards) so that the second does not compute it again.
-    ``DL_LOW``: the two products of ``dL`` take operands in the input dtype (as fla's), not
+    the sum goes to ``dk``. ``DL_LOW``: the two products of ``dL`` take operands in the input dtype (as fla's), not
     float32. With a gate, ``dG`` holds the per-token gate gradient of the other
     kernels and ``dGl`` the per-chunk one; the final ``dg`` is written. ``scratch``
     ``[B, T, H, BT]`` (input dtype) takes ``(dL b D)`` so that it is read back transposed.
@@ -240,9 +237,6 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
         b_dAi = tl.dot(b_dw, tl.trans(b_xw), b_dAi, input_precision=IP)
         b_kk = tl.dot(b_k, tl.trans(b_k), b_kk, input_precision=IP)
         b_dxw = tl.dot(b_AiT, b_dw, input_precision=IP)
-        if DK_IN_PLACE:
-            b_dk1 = b_dxw * b_bk[:, None] + tl.load(dk_acc + p_k, mask=m_k, other=0.0)
-            tl.store(dk_acc + p_k, b_dk1, mask=m_k)
         b_xk = tl.sum(b_dxw * b_kf, axis=1) * b_eg
         b_db += b_xk
         b_dGr += b_xk * b_b
@@ -288,12 +282,9 @@ def wy_bwd_scalar_kernel(k, v, beta, G, Ai, dw, du, dk_acc, dk, dv, dbeta, dG, d
         m_k2 = m_t[:, None] & (o_k2 < K)[None, :]
         p_k2 = row[:, None] * K + o_k2[None, :]
         b_k2 = tl.load(k + p_k2, mask=m_k2, other=0.0)
-        if DK_IN_PLACE:
-            b_dk = tl.load(dk_acc + p_k2, mask=m_k2, other=0.0)
-        else:
-            b_dw2 = tl.load(dw + p_k2, mask=m_k2, other=0.0).to(dt)
-            b_dk = tl.dot(b_AiT, b_dw2, input_precision=IP) * b_bk[:, None]
-            b_dk += tl.load(dk_acc + p_k2, mask=m_k2, other=0.0)
+        b_dw2 = tl.load(dw + p_k2, mask=m_k2, other=0.0).to(dt)
+        b_dk = tl.dot(b_AiT, b_dw2, input_precision=IP) * b_bk[:, None]
+        b_dk += tl.load(dk_acc + p_k2, mask=m_k2, other=0.0)
         b_dk = tl.dot(b_dPD, b_k2, b_dk, input_precision=IP)
         b_dk = tl.dot(b_dPDT, b_k2, b_dk, input_precision=IP)
         tl.store(dk + p_k2, b_dk.to(dk.dtype.element_ty), mask=m_k2)

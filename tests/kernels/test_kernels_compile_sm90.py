@@ -64,11 +64,11 @@ cases = {
     "wy_bwd": (wy.wy_bwd_scalar_kernel,
                {**ptr("*bf16", "k v beta Ai du dk dv dbeta scratch"),
                 **ptr("*fp32", "G dw dk_acc dG dGl dg"), **common, "NT": "i32"},
-               dict(H=4, K=64, V=32, BT=64, BW=32, DK_IN_PLACE=False, DL_LOW=False), 4),
+               dict(H=4, K=64, V=32, BT=64, BW=32, DL_LOW=True), 4),
 }
-# the WY backward's variants under A/B (stages.WY_DK_IN_PLACE, stages.WY_DL_INPUT_DTYPE)
+# dL in float32 (stages.WY_DL_INPUT_DTYPE off)
 cases["wy_bwd_variants"] = (cases["wy_bwd"][0], cases["wy_bwd"][1],
-                            dict(cases["wy_bwd"][2], DK_IN_PLACE=True, DL_LOW=True), 4)
+                            dict(cases["wy_bwd"][2], DL_LOW=False), 4)
 out = {}
 for name, (fn, sig, consts, warps) in cases.items():
     for gate in (0, 1):

@@ -214,21 +214,18 @@ def test_gradients_in_key_blocks(family, gate, monkeypatch):
 
 GRAD_VARIANTS = {  # chunk switches of grad_kernel's variants (launch/ab_kernels.py); the default
     "dAT_product": {"GRAD_DAT_VIA_MEMORY": False},  # (dA^T via memory) runs in every other test
-    "dg_from_dq_dk": {"GRAD_DAT_VIA_MEMORY": False, "GRAD_GATE_FROM_DQ_DK": True},
-    "both_block_v16": {"GRAD_DAT_VIA_MEMORY": True, "GRAD_GATE_FROM_DQ_DK": True,
-                       "GRAD_BLOCK_V": 16},
+    "block_v16": {"GRAD_BLOCK_V": 16},
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("family,gate,variant", [
-    (f, g, v) for f in FAMILIES for g in ("none", "head") for v in GRAD_VARIANTS
-    if g == "head" or v != "dg_from_dq_dk"])  # without a gate the gate-gradient switch is moot
+    (f, g, v) for f in FAMILIES for g in ("none", "head") for v in GRAD_VARIANTS])
 def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, monkeypatch):
     """``grad_kernel``'s variants: ``dA^T`` as a second product instead of read back from a
-    scratch buffer (the default), the scalar gate's gradient from ``q . dq - k . dk`` instead of a ``q k^T``
-    product, value blocks other than the state passes' (three steps at V = 40, the last
-    ragged); three key blocks writing the same scratch rows and a ragged chunk."""
+    scratch buffer (the default), value blocks other than the state passes' (three steps at
+    V = 40, the last ragged); three key blocks writing the same scratch rows and a ragged
+    chunk."""
     from lsp.kernels.common import chunk as kchunk
 
     for name, value in GRAD_VARIANTS[variant].items():
@@ -240,19 +237,16 @@ def test_per_chunk_gradients_with_fewer_products(family, gate, variant, dtype, m
 
 
 WY_VARIANTS = {  # switches of the scalar-gate WY backward's variants (delta_net/stages); the
-    "dk_in_place": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": False},  # default (dL in the
-    "dL_float32": {"WY_DL_INPUT_DTYPE": False},  # input dtype) runs in every other test
-    "both": {"WY_DK_IN_PLACE": True, "WY_DL_INPUT_DTYPE": True},
-}
+    "dL_float32": {"WY_DL_INPUT_DTYPE": False},  # default (dL in the input dtype) runs in every
+}                                                # other test
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("variant", WY_VARIANTS)
 @pytest.mark.parametrize("gate", ["none", "head"])
 def test_wy_backward_variants(gate, variant, dtype, monkeypatch):
-    """The scalar-gate WY backward with ``Ai^T dW`` kept in the float32 ``dk`` buffer between its
-    two key loops, and ``dL`` in float32 instead of the input dtype (the default): two key blocks of 32 at K = 40 (the second
-    ragged), a ragged chunk, segments."""
+    """The scalar-gate WY backward with ``dL`` in float32 instead of the input dtype (the
+    default): two key blocks of 32 at K = 40 (the second ragged), a ragged chunk, segments."""
     from lsp.kernels.delta_net import stages as kstages
 
     for name, value in WY_VARIANTS[variant].items():

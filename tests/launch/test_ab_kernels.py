@@ -32,8 +32,8 @@ def test_every_variant_sets_existing_switches_and_reset_restores_main():
                     assert all(pairwise.PAIR_WARPS[k] == w for k, w in value.items())
                 else:
                     assert _state()[0][name] == value
-    sw.use({"GRAD_BLOCK_V": 128, "WY_DK_IN_PLACE": True, "PAIR_WARPS": {"fwd": 8}})
-    assert stages.WY_DK_IN_PLACE and chunk.GRAD_BLOCK_V == 128
+    sw.use({"GRAD_BLOCK_V": 128, "WY_DL_INPUT_DTYPE": False, "PAIR_WARPS": {"fwd": 8}})
+    assert not stages.WY_DL_INPUT_DTYPE and chunk.GRAD_BLOCK_V == 128
     sw.reset()
     assert _state() == before
     with pytest.raises(SystemExit, match="unknown switch GRAD_TYPO"):

@@ -154,7 +154,7 @@ def _rows(cfg, table):
 
 
 def _scan_segments(cfg, M, Y, X0, dec, reverse: bool):
-    """The affine scan of :func:`_scan` for packed documents cut into segments.
+    """The affine scan of ``scan.segment_scan`` for packed documents cut into segments.
 
     ``M``, ``Y``, ``dec`` are per row of ``segs.split`` (the segments of the documents that were
     cut); the result ``X`` ``[NS, H, K, V]`` holds each segment's start state (its end-state
@@ -181,17 +181,6 @@ def _scan_segments(cfg, M, Y, X0, dec, reverse: bool):
     return X
 
 
-def _scan(cfg, M, Y, X0, dec, reverse: bool):
-    """Affine scan over the ``P`` segments of every (batch, head), float32.
-
-    ``x_0 = X0`` (or 0), ``x_{i+1} = M_p x_i + Y_p`` with ``p = i`` (forward) or ``p = P-1-i``
-    and ``M_p^T`` (reverse); ``x_i`` lands in ``X[:, :, p]``. ``M`` is the full ``[K, K]``
-    transition (delta rule), ``exp(dec)`` its diagonal (decayed linear attention) or identity.
-    One launch (``scan.py``): the scan is tiny next to the passes around it.
-    """
-    return segment_scan(cfg.scan_kind, M, Y, X0, dec, reverse)
-
-
 def _scan_prefix(cfg, M, Y, dec, reverse: bool):
     """The segment pairs folded into prefix pairs, for a state that arrives from elsewhere.
 
@@ -203,8 +192,8 @@ def _scan_prefix(cfg, M, Y, dec, reverse: bool):
     ``Pre[p] D + Z[p]`` for the gradient ``D`` at the slice's end; the pair is then
     ``((M_{P-1} ... M_0)^T, the gradient at the slice's start from its own outputs)``.
 
-    ``M`` as in :func:`_scan`: the delta rule's ``[K, K]`` (one augmented ``[K, K + V]`` product
-    per segment: the ``K`` columns carry the transition, the ``V`` the state), a decay
+    ``M`` as in ``scan.segment_scan``: the delta rule's ``[K, K]`` (one augmented ``[K, K + V]``
+    product per segment: the ``K`` columns carry the transition, the ``V`` the state), a decay
     ``exp(dec)`` per key channel (``Pre`` and the transition ``[B, H, P, K]`` / ``[B, H, K]``),
     or the identity (``Pre`` and the transition None). float32. Returns ``(Pre, Z, A, B)``.
     """
@@ -343,7 +332,7 @@ class ChunkFunction(torch.autograd.Function):
             seg_dec = torch.empty(B, H, P, K, **f32) if (cfg.gate and not cfg.delta) else None
             _state_fwd(cfg, 0, q, k, u, w, G, Aqk, None, None, None, None, b_pair, a_pair,
                        seg_dec, scale)
-            s0 = _scan(cfg, a_pair, b_pair, init, seg_dec, reverse=False)
+            s0 = segment_scan(cfg.scan_kind, a_pair, b_pair, init, seg_dec, reverse=False)
             del b_pair
         else:
             s0 = init
@@ -414,7 +403,7 @@ class ChunkFunction(torch.autograd.Function):
             del d_loc
         elif P > 1:
             d_loc = _state_bwd(cfg, 0, q, k, w, G, Aqk, do, None, dr, None, scale)
-            ds0 = _scan(cfg, a_pair, d_loc, dfinal, seg_dec, reverse=True)
+            ds0 = segment_scan(cfg.scan_kind, a_pair, d_loc, dfinal, seg_dec, reverse=True)
             del d_loc
         else:
             ds0 = dfinal

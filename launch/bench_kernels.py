@@ -379,8 +379,8 @@ def main():
     t_start = time.time()
     end = t_start + args.budget
     skip = set(filter(None, args.skip.split(",")))
-    profiled = profile_ops(args.profile_ops)  # a typo fails here, not after the timing
-    timed = profile_ops(args.ops, "--ops")
+    profiled = op_pairs(args.profile_ops)  # a typo fails here, not after the timing
+    timed = op_pairs(args.ops, "--ops")
 
     import triton
 
@@ -660,7 +660,7 @@ def main():
     save()
 
 
-def profile_ops(spec: str, flag: str = "--profile-ops") -> list[tuple[str, str]]:
+def op_pairs(spec: str, flag: str = "--profile-ops") -> list[tuple[str, str]]:
     """``--profile-ops`` (or ``--ops``): ``all`` or a comma list of ``family:gate`` pairs,
     checked."""
     if spec == "all":

@@ -26,13 +26,13 @@ def test_bench_kernels_cpu_smoke_writes_json(tmp_path):
     assert "correctness: 6/6 passed" in proc.stdout
 
 
-def test_profile_ops_names_every_op_or_refuses_an_unknown_one():
-    from lsp.launch.bench_kernels import profile_ops
+def test_op_pairs_names_every_op_or_refuses_an_unknown_one():
+    from lsp.launch.bench_kernels import op_pairs
 
-    assert len(profile_ops("all")) == 6
-    assert profile_ops("linear_attention:key,delta_rule:none") == [
+    assert len(op_pairs("all")) == 6
+    assert op_pairs("linear_attention:key,delta_rule:none") == [
         ("linear_attention", "key"), ("delta_rule", "none")]
     with pytest.raises(SystemExit, match="unknown pair 'delta_rule:scalar'"):
-        profile_ops("delta_rule:scalar")
+        op_pairs("delta_rule:scalar")
     with pytest.raises(SystemExit, match="--ops: unknown pair 'gla:key'"):
-        profile_ops("gla:key", "--ops")
+        op_pairs("gla:key", "--ops")
